@@ -1,0 +1,345 @@
+//! The per-process link to Redis: a helper thread owning a redis-rs connection, a channel for
+//! requests and answers, and a pipe whose read end the main thread waits on with
+//! `WaitLatchOrSocket`, together with its latch (which cancels and timeouts set).
+//!
+//! Invariants:
+//! - Only the main thread touches PostgreSQL; the helper thread never does, and blocks all signals.
+//! - A link whose call timed out or was interrupted is never reused: redis-rs may then read a
+//!   stale reply. The next link kills the abandoned client on the server (`CLIENT KILL ID .. ADDR ..`)
+//!   before sending anything, so a pipeline stuck in the old connection cannot land after newer
+//!   writes (Redis is single-threaded: once the kill is answered, the old client is gone).
+
+use super::config::{self, Target};
+use crate::error::{Error, Result};
+use pgrx::pg_sys;
+use redis::{Cmd, ConnectionLike, Value};
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// What a call does, for messages: e.g. `GET "user:1"`.
+pub struct Call<'a> {
+    pub what: &'a str,
+    /// Extra time the command may block on the server (BLPOP's timeout); `None` = forever.
+    pub extra: Option<Duration>,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(what: &'a str) -> Self {
+        Call { what, extra: Some(Duration::ZERO) }
+    }
+}
+
+struct Job {
+    packed: Vec<u8>,
+    count: usize,
+    timeout: Option<Duration>,
+}
+
+type Answer = std::result::Result<Vec<Value>, redis::RedisError>;
+
+struct Link {
+    fingerprint: String,
+    display_addr: String,
+    jobs: mpsc::Sender<Job>,
+    answers: mpsc::Receiver<(Answer, Option<(i64, String)>)>,
+    wake: OwnedFd,
+    /// The server-side identity of the connection (CLIENT ID, ADDR), once connected.
+    client: Option<(i64, String)>,
+}
+
+thread_local! {
+    static LINK: RefCell<Option<Link>> = const { RefCell::new(None) };
+    /// A client abandoned mid-call, to be killed by the next link before it sends anything.
+    static ABANDONED: RefCell<Option<(i64, String)>> = const { RefCell::new(None) };
+}
+
+/// Run one command; returns its reply (server error replies come back as `Value::ServerError`).
+pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
+    let mut v = run(c, cmd.get_packed_command(), 1)?;
+    Ok(v.pop().unwrap_or(Value::Nil))
+}
+
+/// Run a pipeline of commands in one round trip; one reply per command, in order.
+pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
+    if cmds.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut packed = Vec::new();
+    for cmd in cmds {
+        cmd.write_packed_command(&mut packed);
+    }
+    run(c, packed, cmds.len())
+}
+
+fn run(c: &Call, packed: Vec<u8>, count: usize) -> Result<Vec<Value>> {
+    let target = config::current()?;
+    let command_timeout = crate::settings::command_timeout();
+    let connect_timeout = crate::settings::connect_timeout();
+    let timeout = c.extra.map(|e| command_timeout + e);
+    LINK.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_some_and(|l| l.fingerprint != target.fingerprint) {
+            *slot = None; // settings changed within the session: reconnect at this call
+        }
+        if slot.is_none() {
+            *slot = Some(spawn(&target)?);
+        }
+        let link = slot.as_mut().ok_or_else(|| Error::Internal("no link".into()))?;
+        let connecting = link.client.is_none();
+        link.jobs
+            .send(Job { packed, count, timeout })
+            .map_err(|_| Error::Internal("Redis helper thread is gone".into()))?;
+        let budget = timeout.map(|t| if connecting { t + connect_timeout } else { t });
+        let outcome = wait(link, budget);
+        match outcome {
+            Waited::Answer(answer, client) => {
+                if client.is_some() {
+                    link.client = client;
+                }
+                match answer {
+                    Ok(values) => Ok(values),
+                    Err(e) => {
+                        let addr = link.display_addr.clone();
+                        abandon(&mut slot);
+                        Err(classify(c.what, &addr, connecting, e))
+                    }
+                }
+            }
+            Waited::TimedOut => {
+                abandon(&mut slot);
+                Err(Error::Timeout {
+                    what: c.what.to_string(),
+                    ms: budget.map(|b| b.as_millis()).unwrap_or(0),
+                })
+            }
+        }
+    })
+}
+
+enum Waited {
+    Answer(Answer, Option<(i64, String)>),
+    TimedOut,
+}
+
+/// Wait for the helper's answer on the latch, so interrupts are served while Redis is slow.
+fn wait(link: &mut Link, budget: Option<Duration>) -> Waited {
+    let start = Instant::now();
+    loop {
+        match link.answers.try_recv() {
+            Ok((answer, client)) => {
+                drain(&link.wake);
+                return Waited::Answer(answer, client);
+            }
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Waited::Answer(
+                    Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "helper thread ended",
+                    ))),
+                    None,
+                )
+            }
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        let remaining_ms: i64 = match budget {
+            Some(b) => {
+                let left = b.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return Waited::TimedOut;
+                }
+                left.as_millis().max(1) as i64
+            }
+            None => -1,
+        };
+        let events = unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET
+                    | pg_sys::WL_SOCKET_READABLE
+                    | pg_sys::WL_EXIT_ON_PM_DEATH
+                    | if remaining_ms >= 0 { pg_sys::WL_TIMEOUT } else { 0 }) as i32,
+                link.wake.as_raw_fd(),
+                remaining_ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        };
+        if events & pg_sys::WL_LATCH_SET as i32 != 0 {
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            if interrupt_pending() {
+                // The call may be abandoned by the ERROR that follows: make sure this link is
+                // not reused, then let PostgreSQL act on the interrupt.
+                remember_abandoned(link);
+                let fingerprint = std::mem::take(&mut link.fingerprint);
+                pgrx::check_for_interrupts!();
+                link.fingerprint = fingerprint;
+                if crate::worker_shutdown_requested() {
+                    return Waited::TimedOut;
+                }
+            }
+        }
+    }
+}
+
+fn interrupt_pending() -> bool {
+    let pending = unsafe { pg_sys::InterruptPending != 0 };
+    pending || crate::worker_shutdown_requested()
+}
+
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 64];
+    unsafe { while libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 {} }
+}
+
+fn remember_abandoned(link: &Link) {
+    if let Some(client) = &link.client {
+        ABANDONED.with(|a| *a.borrow_mut() = Some(client.clone()));
+    }
+}
+
+fn abandon(slot: &mut Option<Link>) {
+    if let Some(link) = slot.take() {
+        remember_abandoned(&link);
+    }
+}
+
+/// Drop the current link (e.g. after Redis answered something that leaves it in doubt).
+pub fn reset() {
+    LINK.with(|cell| abandon(&mut cell.borrow_mut()));
+}
+
+fn classify(what: &str, addr: &str, connecting: bool, e: redis::RedisError) -> Error {
+    let cause = crate::error::redact(&e.to_string());
+    if e.is_timeout() {
+        return Error::Timeout { what: what.to_string(), ms: crate::settings::command_timeout().as_millis() };
+    }
+    if let Some(code) = e.code() {
+        // AUTH/SELECT refused during the handshake, e.g. WRONGPASS or NOPERM.
+        return Error::Reply { what: what.to_string(), reply: format!("{code} {}", e.detail().unwrap_or("")) };
+    }
+    if connecting || e.is_connection_refusal() {
+        Error::Connect { what: what.to_string(), addr: addr.to_string(), cause }
+    } else {
+        Error::ConnectionLost { what: what.to_string(), cause }
+    }
+}
+
+fn spawn(target: &Target) -> Result<Link> {
+    let mut fds = [0i32; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(Error::Internal(format!("pipe2: {}", std::io::Error::last_os_error())));
+    }
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (job_tx, job_rx) = mpsc::channel::<Job>();
+    let (ans_tx, ans_rx) = mpsc::channel();
+    let info = target.info.clone();
+    let connect_timeout = crate::settings::connect_timeout();
+    let to_kill = ABANDONED.with(|a| a.borrow_mut().take());
+
+    // The helper inherits the signal mask of its creator: block everything while spawning so no
+    // PostgreSQL signal handler ever runs on the helper thread.
+    let spawned = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = std::thread::Builder::new().name("pg_redis-io".into()).spawn(move || {
+            helper(info, connect_timeout, to_kill, job_rx, ans_tx, write_end)
+        });
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    };
+    spawned.map_err(|e| Error::Internal(format!("could not start the Redis I/O thread: {e}")))?;
+    Ok(Link {
+        fingerprint: target.fingerprint.clone(),
+        display_addr: target.display_addr.clone(),
+        jobs: job_tx,
+        answers: ans_rx,
+        wake: read_end,
+        client: None,
+    })
+}
+
+/// The helper thread: connects lazily, runs jobs in order, answers through the channel and
+/// pokes the pipe. Ends when the main thread drops its sender (link abandoned or replaced).
+fn helper(
+    info: redis::ConnectionInfo,
+    connect_timeout: Duration,
+    to_kill: Option<(i64, String)>,
+    jobs: mpsc::Receiver<Job>,
+    answers: mpsc::Sender<(Answer, Option<(i64, String)>)>,
+    wake: OwnedFd,
+) {
+    let mut con: Option<redis::Connection> = None;
+    let mut to_kill = to_kill;
+    while let Ok(job) = jobs.recv() {
+        let mut identity = None;
+        if con.is_none() {
+            match connect(&info, connect_timeout, to_kill.take()) {
+                Ok((c, id)) => {
+                    con = Some(c);
+                    identity = Some(id);
+                }
+                Err(e) => {
+                    let _ = answers.send((Err(e), None));
+                    poke(&wake);
+                    return;
+                }
+            }
+        }
+        let Some(c) = con.as_mut() else { return };
+        let answer = c
+            .set_read_timeout(job.timeout.map(|t| t + Duration::from_millis(100)))
+            .and_then(|_| c.set_write_timeout(job.timeout))
+            .and_then(|_| {
+                if job.count == 1 {
+                    c.req_packed_command(&job.packed).map(|v| vec![v])
+                } else {
+                    c.req_packed_commands(&job.packed, 0, job.count)
+                }
+            });
+        let failed = answer.is_err();
+        if answers.send((answer, identity)).is_err() {
+            return;
+        }
+        poke(&wake);
+        if failed {
+            return; // a connection in doubt is never reused
+        }
+    }
+}
+
+fn poke(wake: &OwnedFd) {
+    let b = [1u8];
+    unsafe { libc::write(wake.as_raw_fd(), b.as_ptr().cast(), 1) };
+}
+
+fn connect(
+    info: &redis::ConnectionInfo,
+    timeout: Duration,
+    to_kill: Option<(i64, String)>,
+) -> std::result::Result<(redis::Connection, (i64, String)), redis::RedisError> {
+    let client = redis::Client::open(info.clone())?;
+    let mut con = client.get_connection_with_timeout(timeout)?;
+    con.set_read_timeout(Some(timeout))?;
+    con.set_write_timeout(Some(timeout))?;
+    if let Some((id, addr)) = to_kill {
+        // Best effort: the ACL user may lack CLIENT, or the old client may be gone already.
+        let _: std::result::Result<Value, _> = redis::cmd("CLIENT")
+            .arg("KILL").arg("ID").arg(id).arg("ADDR").arg(&addr).arg("SKIPME").arg("yes")
+            .query(&mut con);
+    }
+    let name = format!("pg_redis:{}", std::process::id());
+    let _: std::result::Result<Value, _> =
+        redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut con);
+    let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut con).unwrap_or(-1);
+    let info_line: String =
+        redis::cmd("CLIENT").arg("INFO").query(&mut con).unwrap_or_default();
+    let addr = info_line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("addr="))
+        .unwrap_or("")
+        .to_string();
+    Ok((con, (id, addr)))
+}
