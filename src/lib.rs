@@ -7,7 +7,9 @@ use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 mod command;
+mod delivery;
 mod error;
+mod mirror;
 mod kv;
 mod redis;
 mod settings;
@@ -15,23 +17,36 @@ mod settings;
 ::pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/catalog.sql", name = "catalog", requires = ["bootstrap"]);
+extension_sql_file!(
+    "../sql/views.sql",
+    name = "views",
+    requires = ["catalog", mirror::redis_worker_info, mirror::redis_backfill_step, mirror::redis_drain]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
-/// Set by a background worker's SIGTERM handling so that a Redis call it is waiting on ends.
+/// Set once a background worker got SIGTERM, so that a Redis call it is waiting on ends.
 static WORKER_SHUTDOWN: AtomicBool = AtomicBool::new(false);
+static IN_WORKER: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn worker_shutdown_requested() -> bool {
-    WORKER_SHUTDOWN.load(Ordering::Relaxed)
+pub(crate) fn set_in_worker() {
+    IN_WORKER.store(true, Ordering::Relaxed);
 }
 
-#[allow(dead_code)]
-pub(crate) fn request_worker_shutdown() {
-    WORKER_SHUTDOWN.store(true, Ordering::Relaxed);
+/// In a worker: has SIGTERM arrived? (pgrx's flag is consumed when read, so remember it.)
+pub(crate) fn worker_shutdown_requested() -> bool {
+    if IN_WORKER.load(Ordering::Relaxed) && pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+        WORKER_SHUTDOWN.store(true, Ordering::Relaxed);
+    }
+    WORKER_SHUTDOWN.load(Ordering::Relaxed)
 }
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        delivery::init_preloaded();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

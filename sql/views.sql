@@ -1,0 +1,73 @@
+-- Views over the catalog. They run with the extension owner's privileges on the internal tables;
+-- who may read them is decided by GRANT (grants.sql: pg_monitor).
+
+CREATE VIEW redis_mirrors AS
+SELECT m.tbl AS mirror, m.key_template, m.key_prefix, m.format, m.columns, m.ttl_seconds,
+       m.mode, m.action, m.filter, m.stream, m.state, m.key_pattern,
+       m.created_by::regrole AS created_by, m.created_at
+  FROM redis_internal.mirrors m;
+
+CREATE VIEW redis_stats AS
+SELECT m.tbl AS mirror,
+       coalesce(s.delivered, 0) + coalesce(q.depth, 0) + coalesce(d.n, 0) AS captured,
+       coalesce(s.delivered, 0) AS delivered,
+       coalesce(s.failed, 0) AS failed,
+       coalesce(q.depth, 0) AS queue_depth,
+       clock_timestamp() - q.oldest AS oldest_queued_age,
+       s.last_lag,
+       s.last_error,
+       s.last_error_at,
+       coalesce(s.hits, 0) AS hits,
+       coalesce(s.misses, 0) AS misses,
+       CASE WHEN coalesce(s.hits, 0) + coalesce(s.misses, 0) > 0
+            THEN s.hits::float8 / (s.hits + s.misses) END AS hit_ratio,
+       w.worker_pid,
+       w.worker_state,
+       m.state,
+       coalesce(d.n, 0) AS dead_letters,
+       coalesce(b.rows_done, CASE WHEN m.state = 'active' THEN s.table_rows END) AS backfill_done,
+       coalesce(b.rows_total, s.table_rows) AS backfill_total,
+       s.redis_rows,
+       s.table_rows
+  FROM redis_internal.mirrors m
+  LEFT JOIN redis_internal.mirror_stats s ON s.mirror_id = m.id
+  LEFT JOIN LATERAL (SELECT count(*) AS depth, min(queued_at) AS oldest
+                       FROM redis_internal.queue qq WHERE qq.mirror_id = m.id) q ON true
+  LEFT JOIN LATERAL (SELECT count(*) AS n FROM redis_internal.dead_letters dl
+                      WHERE dl.mirror_id = m.id) d ON true
+  LEFT JOIN redis_internal.backfills b ON b.mirror_id = m.id
+  CROSS JOIN redis_worker_info() w;
+
+CREATE VIEW redis_dead_letters AS
+SELECT m.tbl AS mirror, d.key, CASE d.op WHEN 's' THEN 'write' WHEN 'd' THEN 'delete' ELSE 'purge' END AS op,
+       d.error, d.attempts, d.first_failure, d.last_failure
+  FROM redis_internal.dead_letters d LEFT JOIN redis_internal.mirrors m ON m.id = d.mirror_id;
+
+-- DROP TABLE of a mirrored table drops its mirror and removes its keys once the DROP commits.
+CREATE FUNCTION redis_internal.on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  INSERT INTO redis_internal.queue (mirror_id, op, key)
+  SELECT m.id, 't', m.key_pattern
+    FROM redis_internal.mirrors m
+    JOIN pg_event_trigger_dropped_objects() d ON d.objid = m.tbl::oid
+   WHERE d.object_type = 'table';
+  DELETE FROM redis_internal.mirrors m
+   USING pg_event_trigger_dropped_objects() d
+   WHERE d.objid = m.tbl::oid AND d.object_type = 'table';
+END $$;
+CREATE EVENT TRIGGER pg_redis_sql_drop ON sql_drop EXECUTE FUNCTION redis_internal.on_sql_drop();
+
+CREATE PROCEDURE redis_backfill(tbl regclass)
+LANGUAGE plpgsql AS $$
+DECLARE
+  r record;
+BEGIN
+  LOOP
+    SELECT * INTO r FROM redis_backfill_step(tbl);
+    PERFORM redis_drain();
+    RAISE NOTICE 'pg_redis: backfill of %: % of about % rows queued and delivered', tbl, r.rows_done, r.rows_total;
+    COMMIT;
+    EXIT WHEN r.done;
+  END LOOP;
+END $$;

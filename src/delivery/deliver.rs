@@ -1,0 +1,315 @@
+//! One delivery batch: claim the oldest queued changes, make sure their commits are durable,
+//! send them to Redis in one pipeline, then delete what landed and count what failed.
+//!
+//! Guarantees kept here (docs/guarantees.md):
+//! - durable: the WAL is flushed up to the current insert position after the batch was read, so
+//!   every commit record visible to the batch's snapshot is on disk before anything is sent;
+//! - order: one deliverer at a time (advisory lock), changes sent in queue order; changes to one
+//!   key are queued in commit order because the row (or unique index) lock serializes writers;
+//! - hash rows are replaced atomically (MULTI/EXEC around DEL + HSET + EXPIRE);
+//! - at-least-once: a change is deleted from the queue only after Redis acknowledged it.
+
+use crate::error::{Error, Result};
+use crate::mirror::context::{as_role, ext_owner};
+use crate::redis::{call, call_pipeline, value, Call};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use redis::{cmd, Cmd, Value};
+use std::collections::HashMap;
+
+/// Advisory lock key held by whoever delivers ('pg_redis' in ASCII).
+pub const DELIVERY_LOCK: i64 = 0x7067_5f72_6564_6973;
+
+struct Queued {
+    id: i64,
+    mirror_id: i32,
+    op: String,
+    key: String,
+    payload: Option<String>,
+    attempts: i32,
+    format: Option<String>,
+    ttl: Option<i32>,
+    age_ms: f64,
+}
+
+#[derive(Default, Debug)]
+pub struct Outcome {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub failed: usize,
+}
+
+/// Deliver up to `max` changes. `wait_for_lock`: block for the delivery lock (drain) or give up
+/// at once when another deliverer holds it (worker). Must run inside a transaction.
+pub fn deliver_batch(max: usize, wait_for_lock: bool) -> Result<Outcome> {
+    as_role(ext_owner(), false, || deliver_inner(max, wait_for_lock))
+}
+
+fn spi_err(e: pgrx::spi::SpiError) -> Error {
+    Error::Internal(format!("delivery: {e}"))
+}
+
+fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
+    let locked = if wait_for_lock {
+        Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[DELIVERY_LOCK.into()]).map_err(spi_err)?;
+        true
+    } else {
+        Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_xact_lock($1)", &[DELIVERY_LOCK.into()])
+            .map_err(spi_err)?
+            .unwrap_or(false)
+    };
+    if !locked {
+        return Ok(Outcome::default());
+    }
+    let batch: Vec<Queued> = Spi::connect(|c| {
+        let rows = c
+            .select(
+                "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
+                        extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000 \
+                   FROM redis_internal.queue q LEFT JOIN redis_internal.mirrors m ON m.id = q.mirror_id \
+                  ORDER BY q.id LIMIT $1",
+                None,
+                &[(max as i64).into()],
+            )
+            .map_err(spi_err)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Queued {
+                    id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default(),
+                    mirror_id: r.get::<i32>(2).map_err(spi_err)?.unwrap_or_default(),
+                    op: r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
+                    key: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
+                    payload: r.get::<String>(5).map_err(spi_err)?,
+                    attempts: r.get::<i32>(6).map_err(spi_err)?.unwrap_or_default(),
+                    format: r.get::<String>(7).map_err(spi_err)?,
+                    ttl: r.get::<i32>(8).map_err(spi_err)?,
+                    age_ms: r.get::<f64>(9).map_err(spi_err)?.unwrap_or_default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    if batch.is_empty() {
+        return Ok(Outcome::default());
+    }
+    // Durability: nothing whose commit record could still be lost in a crash goes out.
+    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+
+    let results = send(&batch)?;
+    settle(&batch, results)
+}
+
+/// Send the batch; one result per change (Ok, or Redis' error reply). Keyspace-wide deletes
+/// ('t') split the batch: what precedes them is sent first, then the layout is scanned.
+fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
+    let mut results = Vec::with_capacity(batch.len());
+    let mut pending: Vec<(usize, usize)> = vec![]; // (change index, commands it sent)
+    let mut cmds: Vec<Cmd> = vec![];
+    let flush = |cmds: &mut Vec<Cmd>, pending: &mut Vec<(usize, usize)>, results: &mut Vec<std::result::Result<(), String>>| -> Result<()> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let what = format!("delivering {} queued changes", pending.len());
+        let replies = call_pipeline(&Call::new(&what), cmds)?;
+        let mut it = replies.into_iter();
+        for (_, n) in pending.drain(..) {
+            let replies: Vec<Value> = it.by_ref().take(n).collect();
+            results.push(verdict(&replies));
+        }
+        cmds.clear();
+        Ok(())
+    };
+    for (i, q) in batch.iter().enumerate() {
+        if q.op == "t" {
+            flush(&mut cmds, &mut pending, &mut results)?;
+            results.push(purge_pattern(&q.key).map(|_| ()).map_err(|e| e.to_string()));
+            continue;
+        }
+        let before = cmds.len();
+        build(q, &mut cmds);
+        pending.push((i, cmds.len() - before));
+    }
+    flush(&mut cmds, &mut pending, &mut results)?;
+    Ok(results)
+}
+
+/// The commands for one change. A change whose mirror is gone still deletes (DROP TABLE purge),
+/// but writes nothing.
+fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
+    match (q.op.as_str(), q.format.as_deref()) {
+        ("s", Some("hash")) => {
+            let fields = hash_fields(q.payload.as_deref().unwrap_or("{}"));
+            let mut multi = vec![cmd("MULTI")];
+            let mut del = cmd("DEL");
+            del.arg(&q.key);
+            multi.push(del);
+            if !fields.is_empty() {
+                let mut h = cmd("HSET");
+                h.arg(&q.key);
+                for (f, v) in &fields {
+                    h.arg(f).arg(v);
+                }
+                multi.push(h);
+                if let Some(t) = q.ttl {
+                    let mut e = cmd("EXPIRE");
+                    e.arg(&q.key).arg(t);
+                    multi.push(e);
+                }
+            }
+            multi.push(cmd("EXEC"));
+            cmds.extend(multi);
+        }
+        ("s", Some(_)) => {
+            let mut c = cmd("SET");
+            c.arg(&q.key).arg(q.payload.as_deref().unwrap_or("null"));
+            if let Some(t) = q.ttl {
+                c.arg("EX").arg(t);
+            }
+            cmds.push(c);
+        }
+        ("s", None) => {}
+        _ => {
+            let mut c = cmd("DEL");
+            c.arg(&q.key);
+            cmds.push(c);
+        }
+    }
+}
+
+/// Hash fields of a row: the same text renderings as the JSON (strings unquoted, NULLs left out).
+pub fn hash_fields(payload: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some((k, s)),
+                other => Some((k, other.to_string())),
+            })
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn verdict(replies: &[Value]) -> std::result::Result<(), String> {
+    for r in replies {
+        if let Some(e) = value::error_text(r) {
+            return Err(e);
+        }
+        if let Value::Array(items) = r {
+            for i in items {
+                if let Some(e) = value::error_text(i) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Delete every key matching a layout's pattern (TRUNCATE, purge, re-key), SCAN-based.
+pub fn purge_pattern(pattern: &str) -> Result<i64> {
+    let mut cursor = "0".to_string();
+    let mut removed = 0i64;
+    let what = format!("SCAN MATCH {pattern:?}");
+    loop {
+        let reply = call(&Call::new(&what), cmd("SCAN").arg(&cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000))?;
+        let reply = value::check(&what, reply)?;
+        let Value::Array(mut parts) = reply else { return Err(value::unexpected(&what, &reply)) };
+        let keys = parts.pop().unwrap_or(Value::Nil);
+        let next = parts.pop().unwrap_or(Value::Nil);
+        cursor = value::text(&what, next)?.unwrap_or_else(|| "0".into());
+        if let Value::Array(keys) = keys {
+            let keys: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter_map(|k| match k {
+                    Value::BulkString(b) => Some(b),
+                    _ => None,
+                })
+                .collect();
+            if !keys.is_empty() {
+                let r = call(&Call::new(&what), cmd("UNLINK").arg(&keys))?;
+                removed += value::int(&what, r)?;
+            }
+        }
+        if cursor == "0" {
+            return Ok(removed);
+        }
+    }
+}
+
+/// Record the batch's results: delete what landed (and failures superseded by a later change of
+/// the same key that landed), count attempts, move what failed too often to the dead letters.
+fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Result<Outcome> {
+    let mut last_ok: HashMap<&str, usize> = HashMap::new();
+    for (i, (q, r)) in batch.iter().zip(&results).enumerate() {
+        if r.is_ok() {
+            last_ok.insert(q.key.as_str(), i);
+        }
+    }
+    let mut done: Vec<i64> = vec![];
+    let mut failed_ids: Vec<i64> = vec![];
+    let mut failed_errs: Vec<String> = vec![];
+    let mut per_mirror: HashMap<i32, (i64, i64, f64, Option<String>)> = HashMap::new();
+    for (i, (q, r)) in batch.iter().zip(results).enumerate() {
+        let s = per_mirror.entry(q.mirror_id).or_insert((0, 0, 0.0, None));
+        match r {
+            Ok(()) => {
+                done.push(q.id);
+                s.0 += 1;
+                s.2 = q.age_ms;
+            }
+            Err(_) if last_ok.get(q.key.as_str()).is_some_and(|&j| j > i) => done.push(q.id),
+            Err(e) => {
+                failed_ids.push(q.id);
+                s.1 += 1;
+                s.3 = Some(format!("{} {:?}: {e}", if q.op == "s" { "SET" } else { "DEL" }, q.key));
+                failed_errs.push(e);
+            }
+        }
+    }
+    let _ = batch.iter().map(|q| q.attempts).max();
+    Spi::run_with_args("DELETE FROM redis_internal.queue WHERE id = ANY($1)", &[done.clone().into()])
+        .map_err(spi_err)?;
+    if !failed_ids.is_empty() {
+        Spi::run_with_args(
+            "UPDATE redis_internal.queue q SET attempts = q.attempts + 1, last_error = u.e \
+               FROM unnest($1::bigint[], $2::text[]) AS u(id, e) WHERE q.id = u.id",
+            &[failed_ids.clone().into(), failed_errs.into()],
+        )
+        .map_err(spi_err)?;
+        Spi::run_with_args(
+            "WITH moved AS (DELETE FROM redis_internal.queue WHERE id = ANY($1) AND attempts >= $2 RETURNING *) \
+             INSERT INTO redis_internal.dead_letters (id, mirror_id, op, key, payload, error, attempts, first_failure, last_failure) \
+             SELECT id, mirror_id, op, key, payload, last_error, attempts, queued_at, clock_timestamp() FROM moved",
+            &[failed_ids.clone().into(), crate::settings::max_attempts().into()],
+        )
+        .map_err(spi_err)?;
+    }
+    for (mirror, (ok, bad, lag_ms, err)) in per_mirror {
+        Spi::run_with_args(
+            "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, delivered, failed, last_lag, last_error, last_error_at) \
+             SELECT $1, $2, $3, make_interval(secs => $4 / 1000), $5, CASE WHEN $5 IS NULL THEN NULL ELSE clock_timestamp() END \
+              WHERE EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = $1) \
+             ON CONFLICT (mirror_id) DO UPDATE SET delivered = s.delivered + $2, failed = s.failed + $3, \
+                 last_lag = CASE WHEN $2 > 0 THEN excluded.last_lag ELSE s.last_lag END, \
+                 last_error = coalesce(excluded.last_error, s.last_error), \
+                 last_error_at = coalesce(excluded.last_error_at, s.last_error_at)",
+            &[mirror.into(), ok.into(), bad.into(), lag_ms.into(), err.into()],
+        )
+        .map_err(spi_err)?;
+    }
+    Ok(Outcome { claimed: batch.len(), delivered: done.len(), failed: failed_ids.len() })
+}
+
+/// Note a failure to reach Redis in every mirror's stats (the queue keeps the changes).
+pub fn record_connection_error(e: &Error) {
+    let msg = crate::error::redact(&e.to_string());
+    let _ = as_role(ext_owner(), false, || {
+        Spi::run_with_args(
+            "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, last_error, last_error_at) \
+             SELECT id, $1, clock_timestamp() FROM redis_internal.mirrors \
+             ON CONFLICT (mirror_id) DO UPDATE SET last_error = excluded.last_error, last_error_at = excluded.last_error_at",
+            &[msg.into()],
+        )
+    });
+}

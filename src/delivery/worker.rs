@@ -1,0 +1,117 @@
+//! The background worker: one per database named in `pg_redis.databases`, registered at server
+//! start. It delivers queued changes in batches, woken at COMMIT by writers' latches (with a 1 s
+//! safety poll), runs backfills when the queue is short, backs off while Redis is down, and idles
+//! while the server is a hot standby (delivery starts on promotion).
+
+use super::{deliver, MAX_WORKERS, SLOTS};
+use crate::error::Error;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::time::Duration;
+
+pub fn register_workers() {
+    for (i, db) in crate::settings::databases().into_iter().enumerate().take(MAX_WORKERS) {
+        BackgroundWorkerBuilder::new(&format!("pg_redis worker for {db}"))
+            .set_type("pg_redis worker")
+            .set_function("pg_redis_worker_main")
+            .set_library("pg_redis")
+            .set_argument(Some(pg_sys::Datum::from(i)))
+            .set_extra(&db)
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
+}
+
+enum Step {
+    Busy,
+    Idle,
+    RedisDown(Error),
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
+    let slot = arg.value().min(MAX_WORKERS - 1);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    crate::set_in_worker();
+    let db = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    {
+        let mut s = SLOTS.exclusive();
+        s.db[slot] = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        s.pid[slot] = unsafe { pg_sys::MyProcPid };
+    }
+    log!("pg_redis: worker started for database \"{db}\"");
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if crate::worker_shutdown_requested() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                break;
+            }
+            continue;
+        }
+        let step = BackgroundWorker::transaction(step);
+        match step {
+            Step::Busy => {
+                backoff = Duration::from_millis(100);
+                unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            }
+            Step::Idle => {
+                backoff = Duration::from_millis(100);
+                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                    break;
+                }
+            }
+            Step::RedisDown(e) => {
+                BackgroundWorker::transaction(|| deliver::record_connection_error(&e));
+                if !BackgroundWorker::wait_latch(Some(backoff)) {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    {
+        let mut s = SLOTS.exclusive();
+        s.pid[slot] = 0;
+    }
+    log!("pg_redis: worker for database \"{db}\" stopped");
+}
+
+fn step() -> Step {
+    let installed = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !installed {
+        return Step::Idle;
+    }
+    let batch = crate::settings::batch_size();
+    match deliver::deliver_batch(batch, false) {
+        Ok(o) if o.claimed >= batch => Step::Busy,
+        Ok(o) if o.failed > 0 => Step::RedisDown(Error::Internal("some changes failed".into())),
+        Ok(_) => match crate::mirror::backfill::step_any() {
+            Ok(true) => Step::Busy,
+            Ok(false) => Step::Idle,
+            Err(e) => {
+                warning!("{}", crate::error::redact(&e.to_string()));
+                Step::Idle
+            }
+        },
+        Err(e) if e.is_connection() => Step::RedisDown(e),
+        Err(e) => {
+            warning!("{}", crate::error::redact(&e.to_string()));
+            Step::RedisDown(e)
+        }
+    }
+}

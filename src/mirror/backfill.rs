@@ -1,0 +1,142 @@
+//! Backfill: the rows that existed when a mirror was created (or resynced) are queued in batches
+//! of heap blocks (TID range scans), each batch in its own transaction, taking FOR SHARE row
+//! locks only on the batch so that a concurrent update of one of its rows is queued after it.
+//! Rows changed after the mirror's triggers exist are captured by the triggers themselves; rows
+//! that move to a later block may be queued twice, which is harmless. Memory stays flat.
+
+use super::capture::{enqueue, Change};
+use super::catalog::{self, Mirror};
+use super::context::{as_role, ext_owner, with_render_settings};
+use super::template::quote_ident;
+use crate::error::{Error, Result};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+const BLOCKS_PER_STEP: i64 = 32;
+
+fn spi_err(e: pgrx::spi::SpiError) -> Error {
+    Error::Internal(format!("backfill: {e}"))
+}
+
+/// Schedule a backfill of the mirror's table: returns the estimated number of rows.
+pub fn schedule(m: &Mirror) -> Result<i64> {
+    let sql = format!(
+        "SELECT (pg_catalog.pg_relation_size({oid}::oid) / current_setting('block_size')::int)::int8, \
+                (SELECT count(*) FROM ONLY {tbl})",
+        oid = m.tbl.to_u32(),
+        tbl = qualified(m.tbl)?
+    );
+    let (blocks, rows) = Spi::get_two::<i64, i64>(&sql)
+        .map(|(b, r)| (b.unwrap_or(0), r.unwrap_or(0)))
+        .map_err(spi_err)?;
+    as_role(ext_owner(), false, || {
+        Spi::run_with_args(
+            "INSERT INTO redis_internal.backfills (mirror_id, next_block, total_blocks, rows_total, rows_done) \
+             VALUES ($1, 0, $2, $3, 0) ON CONFLICT (mirror_id) DO UPDATE \
+             SET next_block = 0, total_blocks = $2, rows_total = $3, rows_done = 0",
+            &[m.id.into(), blocks.into(), rows.into()],
+        )
+        .map_err(spi_err)?;
+        Spi::run_with_args(
+            "UPDATE redis_internal.mirrors SET state = 'backfilling' WHERE id = $1",
+            &[m.id.into()],
+        )
+        .map_err(spi_err)
+    })?;
+    Ok(rows)
+}
+
+/// One step of some pending backfill; false when none is pending.
+pub fn step_any() -> Result<bool> {
+    let next = as_role(ext_owner(), false, || {
+        Spi::get_one::<i32>(
+            "SELECT mirror_id FROM redis_internal.backfills ORDER BY mirror_id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .map_err(spi_err)
+    })?;
+    match next {
+        None => Ok(false),
+        Some(id) => step(id).map(|_| true),
+    }
+}
+
+/// One step of one mirror's backfill: returns (rows queued, done?).
+pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
+    let Some(m) = catalog::by_id(mirror_id)? else { return Ok((0, true)) };
+    let (next, total) = as_role(ext_owner(), false, || {
+        Spi::get_two_with_args::<i64, i64>(
+            "SELECT next_block, total_blocks FROM redis_internal.backfills WHERE mirror_id = $1 FOR UPDATE",
+            &[mirror_id.into()],
+        )
+        .map_err(spi_err)
+    })?;
+    let (Some(next), Some(total)) = (next, total) else { return Ok((0, true)) };
+    let end = (next + BLOCKS_PER_STEP).min(total.max(next + 1));
+    let mut queued = 0i64;
+    if next < total && m.action == "write" {
+        let sql = format!(
+            "SELECT {}, {}, {} FROM ONLY {} r WHERE r.ctid >= '({next},0)'::tid AND r.ctid < '({end},0)'::tid FOR SHARE OF r",
+            m.key_sql()?,
+            m.payload_sql(),
+            m.filter_sql(),
+            qualified(m.tbl)?
+        );
+        let owner = catalog::table_owner(m.tbl)?;
+        let table = m.table_name();
+        let rows: Vec<(String, Option<String>, bool)> = as_role(owner, true, || {
+            with_render_settings(|| {
+                Spi::connect(|c| {
+                    let rows = c.select(&sql, None, &[]).map_err(|e| {
+                        Error::Internal(format!("backfill of {table}: {e}"))
+                    })?;
+                    rows.into_iter()
+                        .map(|r| {
+                            Ok((
+                                r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
+                                r.get::<String>(2).map_err(spi_err)?,
+                                r.get::<bool>(3).map_err(spi_err)?.unwrap_or(false),
+                            ))
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+        })?;
+        let changes: Vec<Change> = rows
+            .into_iter()
+            .filter(|r| r.2)
+            .map(|(k, p, _)| Change { op: "s", key: k, payload: p })
+            .collect();
+        queued = changes.len() as i64;
+        enqueue(&m, changes)?;
+    }
+    let done = end >= total;
+    as_role(ext_owner(), false, || -> Result<()> {
+        if done {
+            Spi::run_with_args("DELETE FROM redis_internal.backfills WHERE mirror_id = $1", &[mirror_id.into()])
+                .map_err(spi_err)?;
+            Spi::run_with_args(
+                "UPDATE redis_internal.mirrors SET state = 'active' WHERE id = $1 AND state = 'backfilling'",
+                &[mirror_id.into()],
+            )
+            .map_err(spi_err)?;
+        } else {
+            Spi::run_with_args(
+                "UPDATE redis_internal.backfills SET next_block = $2, rows_done = rows_done + $3 WHERE mirror_id = $1",
+                &[mirror_id.into(), end.into(), queued.into()],
+            )
+            .map_err(spi_err)?;
+        }
+        Ok(())
+    })?;
+    crate::delivery::wake_at_commit();
+    Ok((queued, done))
+}
+
+pub fn qualified(relid: pg_sys::Oid) -> Result<String> {
+    let (nsp, rel) = Spi::get_two_with_args::<String, String>(
+        "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[relid.into()],
+    )
+    .map_err(spi_err)?;
+    Ok(format!("{}.{}", quote_ident(&nsp.unwrap_or_default()), quote_ident(&rel.unwrap_or_default())))
+}

@@ -1,0 +1,178 @@
+//! Capture: statement-level AFTER triggers with transition tables record every change of a
+//! mirrored table in `redis_internal.queue`, in the writing transaction (so only committed
+//! changes are ever delivered, docs/guarantees.md). Rows are rendered as the table's owner, in a
+//! security-restricted context with fixed rendering settings; the queue insert runs as the
+//! extension's owner, so writers need no privilege on the internals.
+//!
+//! Per statement: INSERT → write each new row that passes the filter; DELETE → delete each old
+//! key; UPDATE → delete the old keys that no new row has, then write (or, outside the filter,
+//! delete) each new row's key; TRUNCATE → delete every key of the layout.
+
+use super::catalog::{self, Mirror};
+use super::context::{as_role, ext_owner, with_render_settings};
+use crate::error::{Error, OrRaise};
+type Res<T> = std::result::Result<T, Error>;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{PgTrigger, PgTriggerOperation};
+use std::collections::HashSet;
+
+pub struct Change {
+    pub op: &'static str,
+    pub key: String,
+    pub payload: Option<String>,
+}
+
+#[pg_trigger]
+fn redis_mirror_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    capture(trigger).or_raise();
+    Ok(None)
+}
+
+fn capture(trigger: &PgTrigger) -> Res<()> {
+    let relid = trigger.relid().map_err(|e| Error::Internal(e.to_string()))?;
+    if !matches!(trigger.level(), pgrx::PgTriggerLevel::Statement) {
+        return Err(Error::InvalidArgument(format!(
+            "redis_mirror_trigger on {}: must be a FOR EACH STATEMENT trigger with transition tables (see docs/mirroring.md)",
+            catalog::relation_name(relid)
+        )));
+    }
+    let Some(m) = catalog::by_table(relid)? else {
+        return Err(Error::InvalidArgument(format!(
+            "redis_mirror_trigger on {}: the table has no mirror; call redis_mirror() first",
+            catalog::relation_name(relid)
+        )));
+    };
+    if m.state == "needs_resync" {
+        return Ok(()); // the queue overflowed: capture stops until redis_resync (user writes go on)
+    }
+    let op = trigger.op().map_err(|e| Error::Internal(e.to_string()))?;
+    let td = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
+    let old_name = trigger.old_transition_table_name().ok().flatten().map(str::to_string);
+    let new_name = trigger.new_transition_table_name().ok().flatten().map(str::to_string);
+    let need = |n: &Option<String>, which: &str| {
+        n.clone().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "redis_mirror_trigger on {}: the trigger needs REFERENCING {which} TABLE (see docs/mirroring.md)",
+                m.table_name()
+            ))
+        })
+    };
+    let changes = match op {
+        PgTriggerOperation::Truncate => {
+            vec![Change { op: "t", key: m.key_pattern.clone(), payload: None }]
+        }
+        PgTriggerOperation::Insert => {
+            let new = render(&m, td, &need(&new_name, "NEW")?)?;
+            new.into_iter()
+                .filter_map(|(k, p, pass)| write_or_delete(&m, k, p, pass, true))
+                .collect()
+        }
+        PgTriggerOperation::Delete => {
+            let old = render_keys(&m, td, &need(&old_name, "OLD")?)?;
+            old.into_iter().map(|k| Change { op: "d", key: k, payload: None }).collect()
+        }
+        PgTriggerOperation::Update => {
+            let old = render_keys(&m, td, &need(&old_name, "OLD")?)?;
+            let new = render(&m, td, &need(&new_name, "NEW")?)?;
+            let new_keys: HashSet<&str> = new.iter().map(|(k, _, _)| k.as_str()).collect();
+            let mut out: Vec<Change> = old
+                .into_iter()
+                .filter(|k| !new_keys.contains(k.as_str()))
+                .map(|k| Change { op: "d", key: k, payload: None })
+                .collect();
+            out.extend(new.into_iter().filter_map(|(k, p, pass)| write_or_delete(&m, k, p, pass, false)));
+            out
+        }
+    };
+    enqueue(&m, changes)?;
+    crate::delivery::wake_at_commit();
+    Ok(())
+}
+
+/// What one new row means in Redis: its key written, or (invalidate / outside the filter) removed.
+fn write_or_delete(m: &Mirror, key: String, payload: Option<String>, pass: bool, insert: bool) -> Option<Change> {
+    if m.action == "invalidate" {
+        return Some(Change { op: "d", key, payload: None });
+    }
+    if pass {
+        Some(Change { op: "s", key, payload })
+    } else if insert {
+        None // a new row outside the filter: nothing can be in Redis for it
+    } else {
+        Some(Change { op: "d", key, payload: None })
+    }
+}
+
+type Rendered = Vec<(String, Option<String>, bool)>;
+
+/// Key, JSON and filter verdict of every row of a transition table, computed as the table's owner.
+fn render(m: &Mirror, td: *mut pg_sys::TriggerData, tt: &str) -> Res<Rendered> {
+    let sql = format!(
+        "SELECT {}, {}, {} FROM {} r",
+        m.key_sql()?,
+        m.payload_sql(),
+        m.filter_sql(),
+        super::template::quote_ident(tt)
+    );
+    run_as_owner(m, td, &sql, |row| {
+        Ok((
+            row.get::<String>(1)?.unwrap_or_default(),
+            row.get::<String>(2)?,
+            row.get::<bool>(3)?.unwrap_or(false),
+        ))
+    })
+}
+
+fn render_keys(m: &Mirror, td: *mut pg_sys::TriggerData, tt: &str) -> Res<Vec<String>> {
+    let sql = format!("SELECT {} FROM {} r", m.key_sql()?, super::template::quote_ident(tt));
+    run_as_owner(m, td, &sql, |row| Ok(row.get::<String>(1)?.unwrap_or_default()))
+}
+
+fn run_as_owner<T>(
+    m: &Mirror,
+    td: *mut pg_sys::TriggerData,
+    sql: &str,
+    f: impl Fn(&pgrx::spi::SpiHeapTupleData) -> std::result::Result<T, pgrx::spi::SpiError>,
+) -> Res<Vec<T>> {
+    let owner = catalog::table_owner(m.tbl)?;
+    let table = m.table_name();
+    as_role(owner, true, || {
+        with_render_settings(|| {
+            Spi::connect(|c| {
+                unsafe { pg_sys::SPI_register_trigger_data(td) };
+                let rows = c.select(sql, None, &[]).map_err(|e| {
+                    Error::Internal(format!("capturing a change of {table}: {e}"))
+                })?;
+                rows.into_iter()
+                    .map(|r| f(&r).map_err(|e| Error::Internal(format!("capturing a change of {table}: {e}"))))
+                    .collect()
+            })
+        })
+    })
+}
+
+/// Append changes to the queue, as the extension's owner, in one statement.
+pub fn enqueue(m: &Mirror, changes: Vec<Change>) -> Res<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut ops = Vec::with_capacity(changes.len());
+    let mut keys = Vec::with_capacity(changes.len());
+    let mut payloads = Vec::with_capacity(changes.len());
+    for c in changes {
+        ops.push(c.op.to_string());
+        keys.push(c.key);
+        payloads.push(c.payload);
+    }
+    as_role(ext_owner(), false, || {
+        Spi::run_with_args(
+            "INSERT INTO redis_internal.queue (mirror_id, op, key, payload) \
+             SELECT $1, u.o::\"char\", u.k, u.p FROM unnest($2::text[], $3::text[], $4::text[]) AS u(o, k, p)",
+            &[m.id.into(), ops.into(), keys.into(), payloads.into()],
+        )
+        .map_err(|e| Error::Internal(format!("queueing changes of {}: {e}", m.table_name())))
+    })
+}

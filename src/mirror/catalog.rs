@@ -1,0 +1,146 @@
+//! The mirror catalog (`redis_internal.mirrors`) as Rust values, and the SQL each mirror renders
+//! rows with. Reads run as the extension's owner: callers need no privilege on the internals.
+
+use super::context::{as_role, ext_owner};
+use super::template::{self, quote_ident, quote_literal};
+use crate::error::{Error, Result};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub id: i32,
+    pub tbl: pg_sys::Oid,
+    pub key_template: String,
+    pub key_prefix: String,
+    pub format: String,
+    pub columns: Option<Vec<String>>,
+    pub ttl_seconds: Option<i32>,
+    pub mode: String,
+    pub action: String,
+    pub filter: Option<String>,
+    pub state: String,
+    pub key_pattern: String,
+}
+
+const COLS: &str = "id, tbl::oid, key_template, key_prefix, format, columns, ttl_seconds, mode, action, filter, state, key_pattern";
+
+fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
+    let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
+    Ok(Mirror {
+        id: row.get::<i32>(1).map_err(e)?.unwrap_or_default(),
+        tbl: row.get::<pg_sys::Oid>(2).map_err(e)?.unwrap_or(pg_sys::InvalidOid),
+        key_template: row.get::<String>(3).map_err(e)?.unwrap_or_default(),
+        key_prefix: row.get::<String>(4).map_err(e)?.unwrap_or_default(),
+        format: row.get::<String>(5).map_err(e)?.unwrap_or_default(),
+        columns: row.get::<Vec<String>>(6).map_err(e)?,
+        ttl_seconds: row.get::<i32>(7).map_err(e)?,
+        mode: row.get::<String>(8).map_err(e)?.unwrap_or_default(),
+        action: row.get::<String>(9).map_err(e)?.unwrap_or_default(),
+        filter: row.get::<String>(10).map_err(e)?,
+        state: row.get::<String>(11).map_err(e)?.unwrap_or_default(),
+        key_pattern: row.get::<String>(12).map_err(e)?.unwrap_or_default(),
+    })
+}
+
+pub fn by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
+    as_role(ext_owner(), false, || {
+        Spi::connect(|c| {
+            let rows = c
+                .select(
+                    &format!("SELECT {COLS} FROM redis_internal.mirrors WHERE tbl = $1"),
+                    Some(1),
+                    &[relid.into()],
+                )
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            match rows.into_iter().next() {
+                Some(r) => from_row(&r).map(Some),
+                None => Ok(None),
+            }
+        })
+    })
+}
+
+pub fn by_id(id: i32) -> Result<Option<Mirror>> {
+    as_role(ext_owner(), false, || {
+        Spi::connect(|c| {
+            let rows = c
+                .select(
+                    &format!("SELECT {COLS} FROM redis_internal.mirrors WHERE id = $1"),
+                    Some(1),
+                    &[id.into()],
+                )
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            match rows.into_iter().next() {
+                Some(r) => from_row(&r).map(Some),
+                None => Ok(None),
+            }
+        })
+    })
+}
+
+pub fn all() -> Result<Vec<Mirror>> {
+    as_role(ext_owner(), false, || {
+        Spi::connect(|c| {
+            let rows = c
+                .select(&format!("SELECT {COLS} FROM redis_internal.mirrors ORDER BY id"), None, &[])
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            rows.into_iter().map(|r| from_row(&r)).collect()
+        })
+    })
+}
+
+impl Mirror {
+    pub fn parts(&self) -> Result<Vec<template::Part>> {
+        template::parse(&self.key_template)
+    }
+
+    pub fn key_sql(&self) -> Result<String> {
+        Ok(template::key_sql(&self.key_prefix, &self.parts()?))
+    }
+
+    /// JSON of the row: `row_to_json` typing, only the chosen columns.
+    pub fn payload_sql(&self) -> String {
+        if self.action == "invalidate" {
+            return "NULL::text".into();
+        }
+        match &self.columns {
+            None => "pg_catalog.row_to_json(r)::text".into(),
+            Some(cols) => {
+                let args: Vec<String> = cols
+                    .iter()
+                    .map(|c| format!("{}, r.{}", quote_literal(c), quote_ident(c)))
+                    .collect();
+                format!("pg_catalog.json_build_object({})::text", args.join(", "))
+            }
+        }
+    }
+
+    pub fn filter_sql(&self) -> String {
+        match &self.filter {
+            Some(f) => format!("coalesce(({f}), false)"),
+            None => "true".into(),
+        }
+    }
+
+    /// The table's name, schema-qualified, for messages and SQL.
+    pub fn table_name(&self) -> String {
+        relation_name(self.tbl)
+    }
+}
+
+pub fn relation_name(relid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("oid {}", relid.to_u32()))
+}
+
+pub fn table_owner(relid: pg_sys::Oid) -> Result<pg_sys::Oid> {
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1",
+        &[relid.into()],
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .ok_or_else(|| Error::Internal(format!("table {} not found", relid.to_u32())))
+}

@@ -1,0 +1,76 @@
+//! Running code as someone else, safely: the table's owner (for filters and type output, with a
+//! fixed search_path and rendering settings) or the extension's owner (for the internal tables).
+//! PostgreSQL restores the user id and settings itself when an ERROR aborts the (sub)transaction.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::Cell;
+use std::ffi::CString;
+
+thread_local! {
+    static EXT_OWNER: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
+}
+
+/// The owner of the extension's internal schema: the role the internal tables belong to.
+pub fn ext_owner() -> pg_sys::Oid {
+    if let Some(o) = EXT_OWNER.with(|c| c.get()) {
+        return o;
+    }
+    let o = Spi::get_one::<pg_sys::Oid>(
+        "SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'redis_internal'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
+    EXT_OWNER.with(|c| c.set(Some(o)));
+    o
+}
+
+/// Run `f` as `role`. With `restricted`, as a security-restricted operation (no SET ROLE, no
+/// temp objects), the way PostgreSQL runs maintenance code as a table's owner.
+pub fn as_role<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> R {
+    let mut save_uid = pg_sys::InvalidOid;
+    let mut save_ctx = 0i32;
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut save_uid, &mut save_ctx);
+        let mut ctx = save_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32;
+        if restricted {
+            ctx |= pg_sys::SECURITY_RESTRICTED_OPERATION as i32;
+        }
+        pg_sys::SetUserIdAndSecContext(role, ctx);
+    }
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(save_uid, save_ctx) };
+    r
+}
+
+/// Run `f` with the settings that make rendering independent of the session: UTC timestamps,
+/// ISO dates, full-precision floats, hex bytea, and a search_path of pg_catalog only.
+pub fn with_render_settings<R>(f: impl FnOnce() -> R) -> R {
+    let nest = unsafe { pg_sys::NewGUCNestLevel() };
+    for (name, value) in [
+        ("TimeZone", "UTC"),
+        ("DateStyle", "ISO, YMD"),
+        ("IntervalStyle", "postgres"),
+        ("extra_float_digits", "1"),
+        ("bytea_output", "hex"),
+        ("search_path", "pg_catalog, pg_temp"),
+    ] {
+        let (n, v) = (CString::new(name).unwrap_or_default(), CString::new(value).unwrap_or_default());
+        unsafe {
+            pg_sys::set_config_option(
+                n.as_ptr(),
+                v.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+    let r = f();
+    unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+    r
+}

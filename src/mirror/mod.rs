@@ -1,0 +1,338 @@
+//! Mirrors: `redis_mirror` puts a table under a mirror (catalog row + capture triggers +
+//! scheduled backfill), `redis_unmirror` takes it off, `redis_resync` pushes every row again.
+//! Delivery of what the triggers queue lives in `crate::delivery`.
+
+pub mod backfill;
+pub mod capture;
+pub mod catalog;
+pub mod context;
+pub mod template;
+pub mod validate;
+
+use crate::error::{invalid, Error, OrRaise, Result};
+use context::{as_role, ext_owner};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use template::quote_ident;
+
+fn spi_err(e: pgrx::spi::SpiError) -> Error {
+    Error::Internal(e.to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn redis_mirror(
+    tbl: pg_sys::Oid,
+    key_template: default!(Option<&str>, "NULL"),
+    format: default!(Option<&str>, "'json'"),
+    columns: default!(Option<Vec<Option<String>>>, "NULL"),
+    ttl_seconds: default!(Option<i32>, "NULL"),
+    mode: default!(Option<&str>, "'queue'"),
+    action: default!(Option<&str>, "'write'"),
+    filter: default!(Option<&str>, "NULL"),
+    stream: default!(Option<&str>, "NULL"),
+    backfill: default!(Option<bool>, "true"),
+) -> i64 {
+    mirror(tbl, key_template, format, columns, ttl_seconds, mode, action, filter, stream, backfill).or_raise()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mirror(
+    tbl: pg_sys::Oid,
+    key_template: Option<&str>,
+    format: Option<&str>,
+    columns: Option<Vec<Option<String>>>,
+    ttl_seconds: Option<i32>,
+    mode: Option<&str>,
+    action: Option<&str>,
+    filter: Option<&str>,
+    stream: Option<&str>,
+    backfill: Option<bool>,
+) -> Result<i64> {
+    if tbl == pg_sys::InvalidOid {
+        return Err(invalid("redis_mirror: tbl must not be NULL"));
+    }
+    let t = validate::table(tbl)?;
+    let format = format.unwrap_or("json");
+    if !matches!(format, "json" | "hash") {
+        return Err(invalid(format!("redis_mirror: format must be 'json' or 'hash', not '{format}'")));
+    }
+    let mode = mode.unwrap_or("queue");
+    match mode {
+        "queue" => {}
+        "commit" | "sync" => {
+            return Err(invalid(format!(
+                "redis_mirror: mode '{mode}' is not available in this version of pg_redis; use 'queue'"
+            )))
+        }
+        other => return Err(invalid(format!("redis_mirror: mode must be 'queue', 'commit' or 'sync', not '{other}'"))),
+    }
+    let action = action.unwrap_or("write");
+    if !matches!(action, "write" | "invalidate") {
+        return Err(invalid(format!("redis_mirror: action must be 'write' or 'invalidate', not '{action}'")));
+    }
+    if let Some(ttl) = ttl_seconds {
+        if ttl <= 0 {
+            return Err(invalid(format!("redis_mirror: ttl_seconds must be positive (got {ttl}); NULL means no expiry")));
+        }
+    }
+    if stream.is_some() {
+        return Err(invalid("redis_mirror: change-event streams are not available in this version of pg_redis"));
+    }
+    let keys = validate::unique_keys(tbl)?;
+    let template = match key_template {
+        Some(tpl) => tpl.to_string(),
+        None => {
+            let Some(pk) = keys.first() else {
+                return Err(invalid(format!(
+                    "redis_mirror: table {} has no primary key or unique index on NOT NULL columns; add one or pass a key_template",
+                    t.name
+                )));
+            };
+            let base = if t.is_public { t.relname.clone() } else { t.name.clone() };
+            let base = base.replace('{', "{{").replace('}', "}}").replace('"', "");
+            let cols: Vec<String> = pk.iter().map(|c| format!("{{{c}}}")).collect();
+            format!("{base}:{}", cols.join(":"))
+        }
+    };
+    let parts = template::parse(&template).map_err(|e| invalid(format!("redis_mirror: {}", e.to_string().trim_start_matches("pg_redis: "))))?;
+    validate::template(&t, &parts, &keys, &template)?;
+    let columns: Option<Vec<String>> = match columns {
+        None => None,
+        Some(cols) => {
+            let mut out = vec![];
+            for c in cols {
+                let c = c.ok_or_else(|| invalid("redis_mirror: columns must not contain NULL"))?;
+                if !t.columns.contains(&c) {
+                    return Err(invalid(format!("redis_mirror: column \"{c}\" of the columns list does not exist in table {}", t.name)));
+                }
+                out.push(c);
+            }
+            if out.is_empty() {
+                return Err(invalid("redis_mirror: columns must name at least one column (NULL means all)"));
+            }
+            Some(out)
+        }
+    };
+    let filter = filter.map(str::trim).filter(|f| !f.is_empty());
+    if let Some(f) = filter {
+        validate::filter(tbl, &t.name, f)?;
+    }
+    let key_prefix = crate::settings::key_prefix();
+    let pattern = template::scan_pattern(&key_prefix, &parts);
+    let lit = template::literal_prefix(&key_prefix, &parts);
+
+    let previous = catalog::by_table(tbl)?;
+    // Layouts that could produce the same key are refused (a TRUNCATE of one would purge the other).
+    for other in catalog::all()? {
+        if other.tbl == tbl {
+            continue;
+        }
+        let olit = template::literal_prefix(&other.key_prefix, &other.parts()?);
+        if olit.starts_with(&lit) || lit.starts_with(&olit) {
+            return Err(invalid(format!(
+                "redis_mirror: key template \"{template}\" of {} could overlap the keys of the mirror of {} (\"{}\"); give each mirror a distinct literal prefix",
+                t.name,
+                other.table_name(),
+                other.key_template
+            )));
+        }
+    }
+    let creator = unsafe { pg_sys::GetUserId() };
+    let rekey = previous.as_ref().is_some_and(|p| {
+        p.key_template != template || p.key_prefix != key_prefix || p.format != format || p.columns != columns
+    });
+    let id: i32 = as_role(ext_owner(), false, || {
+        Spi::get_one_with_args::<i32>(
+            "INSERT INTO redis_internal.mirrors AS m (tbl, tbl_name, key_template, key_prefix, format, columns, ttl_seconds, mode, action, filter, stream, key_pattern, created_by) \
+             VALUES ($1::oid::regclass, $1::oid::regclass::text, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (tbl) DO UPDATE SET key_template = excluded.key_template, key_prefix = excluded.key_prefix, \
+               format = excluded.format, columns = excluded.columns, ttl_seconds = excluded.ttl_seconds, mode = excluded.mode, \
+               action = excluded.action, filter = excluded.filter, stream = excluded.stream, key_pattern = excluded.key_pattern, \
+               state = 'active' \
+             RETURNING id",
+            &[
+                tbl.into(),
+                template.clone().into(),
+                key_prefix.clone().into(),
+                format.to_string().into(),
+                columns.clone().into(),
+                ttl_seconds.into(),
+                mode.to_string().into(),
+                action.to_string().into(),
+                filter.map(str::to_string).into(),
+                stream.map(str::to_string).into(),
+                pattern.clone().into(),
+                creator.into(),
+            ],
+        )
+        .map_err(spi_err)?
+        .ok_or_else(|| Error::Internal("redis_mirror: catalog insert returned nothing".into()))
+    })?;
+    let m = catalog::by_id(id)?.ok_or_else(|| Error::Internal("mirror vanished".into()))?;
+    if let Some(p) = &previous {
+        if rekey {
+            // The old layout's keys go first; the rows are then written anew by the backfill.
+            capture::enqueue(&m, vec![capture::Change { op: "t", key: p.key_pattern.clone(), payload: None }])?;
+        }
+    }
+    create_triggers(tbl)?;
+    if !crate::delivery::preloaded() {
+        notice!("pg_redis: no background worker runs (pg_redis is not in shared_preload_libraries): changes to {} wait in the queue until you call redis_drain()", t.name);
+    }
+    let scheduled = if backfill.unwrap_or(true) || rekey { backfill::schedule(&m)? } else { 0 };
+    crate::delivery::wake_at_commit();
+    Ok(scheduled)
+}
+
+fn trigger_function() -> Result<String> {
+    let nsp = Spi::get_one::<String>(
+        "SELECT n.nspname::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = 'redis_mirror_trigger'",
+    )
+    .map_err(spi_err)?
+    .ok_or_else(|| Error::Internal("redis_mirror_trigger() not found".into()))?;
+    Ok(format!("{}.redis_mirror_trigger()", quote_ident(&nsp)))
+}
+
+/// The capture triggers: statement-level, with transition tables (one queue insert per statement).
+fn create_triggers(tbl: pg_sys::Oid) -> Result<()> {
+    let f = trigger_function()?;
+    let t = backfill::qualified(tbl)?;
+    drop_triggers(tbl)?;
+    let sql = [
+        format!("CREATE TRIGGER pg_redis_capture_insert AFTER INSERT ON {t} REFERENCING NEW TABLE AS pg_redis_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+        format!("CREATE TRIGGER pg_redis_capture_update AFTER UPDATE ON {t} REFERENCING OLD TABLE AS pg_redis_old NEW TABLE AS pg_redis_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+        format!("CREATE TRIGGER pg_redis_capture_delete AFTER DELETE ON {t} REFERENCING OLD TABLE AS pg_redis_old FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+        format!("CREATE TRIGGER pg_redis_capture_truncate AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+    ];
+    as_role(ext_owner(), false, || {
+        for s in &sql {
+            Spi::run(s).map_err(spi_err)?;
+        }
+        Ok(())
+    })
+}
+
+fn drop_triggers(tbl: pg_sys::Oid) -> Result<()> {
+    let t = backfill::qualified(tbl)?;
+    as_role(ext_owner(), false, || {
+        for n in ["insert", "update", "delete", "truncate"] {
+            Spi::run(&format!("DROP TRIGGER IF EXISTS pg_redis_capture_{n} ON {t}")).map_err(spi_err)?;
+        }
+        Ok(())
+    })
+}
+
+fn owned_mirror(tbl: pg_sys::Oid, what: &str) -> Result<catalog::Mirror> {
+    let t = validate::table(tbl).map_err(|e| match e {
+        Error::WrongObject(_) => invalid(format!("{what}: {} is not mirrored", catalog::relation_name(tbl))),
+        other => other,
+    })?;
+    catalog::by_table(tbl)?.ok_or_else(|| invalid(format!("{what}: table {} is not mirrored", t.name)))
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn redis_unmirror(tbl: pg_sys::Oid, purge: default!(Option<bool>, "false")) -> bool {
+    (|| -> Result<bool> {
+        let m = owned_mirror(tbl, "redis_unmirror")?;
+        drop_triggers(tbl)?;
+        if purge.unwrap_or(false) {
+            capture::enqueue(&m, vec![capture::Change { op: "t", key: m.key_pattern.clone(), payload: None }])?;
+            crate::delivery::wake_at_commit();
+        }
+        as_role(ext_owner(), false, || {
+            Spi::run_with_args("DELETE FROM redis_internal.mirrors WHERE id = $1", &[m.id.into()]).map_err(spi_err)
+        })?;
+        Ok(true)
+    })()
+    .or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn redis_resync(tbl: pg_sys::Oid) -> i64 {
+    (|| -> Result<i64> {
+        let m = owned_mirror(tbl, "redis_resync")?;
+        let n = backfill::schedule(&m)?;
+        crate::delivery::wake_at_commit();
+        Ok(n)
+    })()
+    .or_raise()
+}
+
+/// One backfill step for `CALL redis_backfill(tbl)` (which commits between steps).
+#[pg_extern(volatile, parallel_unsafe)]
+fn redis_backfill_step(tbl: pg_sys::Oid) -> TableIterator<'static, (name!(queued, i64), name!(done, bool), name!(rows_done, i64), name!(rows_total, i64))> {
+    let r = (|| -> Result<(i64, bool, i64, i64)> {
+        let m = owned_mirror(tbl, "redis_backfill")?;
+        let (q, done) = backfill::step(m.id)?;
+        let (d, t) = as_role(ext_owner(), false, || {
+            Spi::get_two_with_args::<i64, i64>(
+                "SELECT rows_done, rows_total FROM redis_internal.backfills WHERE mirror_id = $1",
+                &[m.id.into()],
+            )
+            .map_err(spi_err)
+        })?;
+        Ok((q, done, d.unwrap_or(0), t.unwrap_or(0)))
+    })()
+    .or_raise();
+    TableIterator::once(r)
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn redis_drain(max_changes: default!(Option<i32>, "NULL")) -> i64 {
+    if let Some(m) = max_changes {
+        if m < 0 {
+            invalid(format!("redis_drain: max_changes must not be negative (got {m})")).raise();
+        }
+    }
+    let mut left = max_changes.map(|m| m as usize).unwrap_or(usize::MAX);
+    let batch = crate::settings::batch_size();
+    let mut delivered = 0i64;
+    while left > 0 {
+        let o = crate::delivery::deliver::deliver_batch(batch.min(left), true).or_raise();
+        delivered += o.delivered as i64;
+        left = left.saturating_sub(o.claimed);
+        if o.claimed == 0 || o.failed > 0 {
+            break;
+        }
+        pgrx::check_for_interrupts!();
+    }
+    delivered
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn redis_retry(tbl: default!(Option<pg_sys::Oid>, "NULL")) -> i64 {
+    (|| -> Result<i64> {
+        let mirror_id = match tbl {
+            Some(t) => Some(owned_mirror(t, "redis_retry")?.id),
+            None => None,
+        };
+        let n = as_role(ext_owner(), false, || {
+            Spi::get_one_with_args::<i64>(
+                "WITH moved AS (DELETE FROM redis_internal.dead_letters WHERE $1::int IS NULL OR mirror_id = $1 RETURNING *), \
+                      ins AS (INSERT INTO redis_internal.queue (mirror_id, op, key, payload) \
+                              SELECT mirror_id, op, key, payload FROM moved ORDER BY id RETURNING 1) \
+                 SELECT count(*) FROM ins",
+                &[mirror_id.into()],
+            )
+            .map_err(spi_err)
+        })?;
+        crate::delivery::wake_at_commit();
+        Ok(n.unwrap_or(0))
+    })()
+    .or_raise()
+}
+
+/// Worker state for the views: (pid, state).
+#[pg_extern(stable, parallel_safe)]
+fn redis_worker_info() -> TableIterator<'static, (name!(worker_pid, Option<i32>), name!(worker_state, String))> {
+    let r = if !crate::delivery::preloaded() {
+        (None, "not running: pg_redis is not in shared_preload_libraries (use redis_drain())".to_string())
+    } else {
+        match crate::delivery::worker_pid() {
+            Some(pid) => (Some(pid), "running".to_string()),
+            None => (None, "not running: this database is not in pg_redis.databases, or the worker is restarting".to_string()),
+        }
+    };
+    TableIterator::once(r)
+}

@@ -1,0 +1,148 @@
+//! Key templates: `user:{id}` → literal parts and column placeholders; `{{`/`}}` are literal
+//! braces (Redis Cluster hash tags). From a parsed template we derive the SQL expression that
+//! renders a key from a row, and the SCAN pattern that matches every key of the layout.
+
+use crate::error::{invalid, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Lit(String),
+    Col(String),
+}
+
+pub fn parse(template: &str) -> Result<Vec<Part>> {
+    let mut parts = vec![];
+    let mut lit = String::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                lit.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                lit.push('}');
+            }
+            '{' => {
+                let mut col = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some('{') | None => {
+                            return Err(invalid(format!(
+                                "key template \"{template}\" has an unbalanced '{{' (write {{{{ for a literal brace)"
+                            )))
+                        }
+                        Some(ch) => col.push(ch),
+                    }
+                }
+                if col.is_empty() {
+                    return Err(invalid(format!("key template \"{template}\" has an empty placeholder {{}}")));
+                }
+                if !lit.is_empty() {
+                    parts.push(Part::Lit(std::mem::take(&mut lit)));
+                }
+                parts.push(Part::Col(col));
+            }
+            '}' => {
+                return Err(invalid(format!(
+                    "key template \"{template}\" has an unbalanced '}}' (write }}}} for a literal brace)"
+                )))
+            }
+            c => lit.push(c),
+        }
+    }
+    if !lit.is_empty() {
+        parts.push(Part::Lit(lit));
+    }
+    match parts.first() {
+        Some(Part::Lit(_)) => {}
+        _ => {
+            return Err(invalid(format!(
+                "key template \"{template}\" must start with a literal prefix, e.g. 'users:{{id}}'"
+            )))
+        }
+    }
+    if !parts.iter().any(|p| matches!(p, Part::Col(_))) {
+        return Err(invalid(format!("key template \"{template}\" names no column")));
+    }
+    Ok(parts)
+}
+
+pub fn columns(parts: &[Part]) -> Vec<&str> {
+    parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Col(c) => Some(c.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The literal text before the first placeholder (with the key prefix): two layouts whose
+/// prefixes are prefixes of each other could produce the same key and are refused.
+pub fn literal_prefix(key_prefix: &str, parts: &[Part]) -> String {
+    match parts.first() {
+        Some(Part::Lit(l)) => format!("{key_prefix}{l}"),
+        _ => key_prefix.to_string(),
+    }
+}
+
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// SQL rendering the key from a row aliased `r`.
+pub fn key_sql(key_prefix: &str, parts: &[Part]) -> String {
+    let mut out = vec![quote_literal(key_prefix)];
+    for p in parts {
+        out.push(match p {
+            Part::Lit(l) => quote_literal(l),
+            Part::Col(c) => format!("(r.{})::text", quote_ident(c)),
+        });
+    }
+    out.join(" || ")
+}
+
+/// The SCAN MATCH pattern of the layout: literals glob-escaped, placeholders as `*`.
+pub fn scan_pattern(key_prefix: &str, parts: &[Part]) -> String {
+    let esc = |s: &str| {
+        let mut o = String::new();
+        for ch in s.chars() {
+            if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                o.push('\\');
+            }
+            o.push(ch);
+        }
+        o
+    };
+    let mut out = esc(key_prefix);
+    for p in parts {
+        match p {
+            Part::Lit(l) => out.push_str(&esc(l)),
+            Part::Col(_) => out.push('*'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn parses_templates() {
+        let p = parse("{{user}}:{id}").unwrap();
+        assert_eq!(p, vec![Part::Lit("{user}:".into()), Part::Col("id".into())]);
+        assert!(parse("{id}").is_err());
+        assert!(parse("u:{id").is_err());
+        assert!(parse("u:id}").is_err());
+        assert!(parse("u:").is_err());
+        assert_eq!(scan_pattern("p:", &parse("a*:{x}:{y}").unwrap()), "p:a\\*:*:*");
+        assert_eq!(key_sql("", &parse("u:{id}").unwrap()), "'' || 'u:' || (r.\"id\")::text");
+    }
+}
