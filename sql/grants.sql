@@ -8,7 +8,7 @@ BEGIN
     JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
     JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_redis'
   LOOP
-    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
   END LOOP;
 END $$;
 

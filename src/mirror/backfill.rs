@@ -49,10 +49,12 @@ pub fn schedule(m: &Mirror) -> Result<i64> {
 /// One step of some pending backfill; false when none is pending.
 pub fn step_any() -> Result<bool> {
     let next = as_role(ext_owner(), false, || {
-        Spi::get_one::<i32>(
+        match Spi::get_one::<i32>(
             "SELECT mirror_id FROM redis_internal.backfills ORDER BY mirror_id LIMIT 1 FOR UPDATE SKIP LOCKED",
-        )
-        .map_err(spi_err)
+        ) {
+            Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
+            other => other.map_err(spi_err),
+        }
     })?;
     match next {
         None => Ok(false),
@@ -68,7 +70,10 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
             "SELECT next_block, total_blocks FROM redis_internal.backfills WHERE mirror_id = $1 FOR UPDATE",
             &[mirror_id.into()],
         )
-        .map_err(spi_err)
+        .or_else(|e| match e {
+            pgrx::spi::SpiError::InvalidPosition => Ok((None, None)),
+            e => Err(spi_err(e)),
+        })
     })?;
     let (Some(next), Some(total)) = (next, total) else { return Ok((0, true)) };
     let end = (next + BLOCKS_PER_STEP).min(total.max(next + 1));

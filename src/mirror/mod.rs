@@ -13,6 +13,7 @@ use crate::error::{invalid, Error, OrRaise, Result};
 use context::{as_role, ext_owner};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::PgRelation;
 use template::quote_ident;
 
 fn spi_err(e: pgrx::spi::SpiError) -> Error {
@@ -22,7 +23,7 @@ fn spi_err(e: pgrx::spi::SpiError) -> Error {
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn redis_mirror(
-    tbl: pg_sys::Oid,
+    tbl: PgRelation,
     key_template: default!(Option<&str>, "NULL"),
     format: default!(Option<&str>, "'json'"),
     columns: default!(Option<Vec<Option<String>>>, "NULL"),
@@ -33,7 +34,7 @@ fn redis_mirror(
     stream: default!(Option<&str>, "NULL"),
     backfill: default!(Option<bool>, "true"),
 ) -> i64 {
-    mirror(tbl, key_template, format, columns, ttl_seconds, mode, action, filter, stream, backfill).or_raise()
+    mirror(tbl.oid(), key_template, format, columns, ttl_seconds, mode, action, filter, stream, backfill).or_raise()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -216,8 +217,17 @@ fn create_triggers(tbl: pg_sys::Oid) -> Result<()> {
 fn drop_triggers(tbl: pg_sys::Oid) -> Result<()> {
     let t = backfill::qualified(tbl)?;
     as_role(ext_owner(), false, || {
-        for n in ["insert", "update", "delete", "truncate"] {
-            Spi::run(&format!("DROP TRIGGER IF EXISTS pg_redis_capture_{n} ON {t}")).map_err(spi_err)?;
+        let existing: Vec<String> = Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT tgname::text FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname LIKE 'pg\\_redis\\_capture\\_%'",
+                None,
+                &[tbl.into()],
+            )?;
+            rows.into_iter().map(|r| r.get::<String>(1).map(Option::unwrap_or_default)).collect::<std::result::Result<Vec<_>, _>>()
+        })
+        .map_err(spi_err)?;
+        for n in existing {
+            Spi::run(&format!("DROP TRIGGER {} ON {t}", quote_ident(&n))).map_err(spi_err)?;
         }
         Ok(())
     })
@@ -232,7 +242,8 @@ fn owned_mirror(tbl: pg_sys::Oid, what: &str) -> Result<catalog::Mirror> {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_unmirror(tbl: pg_sys::Oid, purge: default!(Option<bool>, "false")) -> bool {
+fn redis_unmirror(tbl: PgRelation, purge: default!(Option<bool>, "false")) -> bool {
+    let tbl = tbl.oid();
     (|| -> Result<bool> {
         let m = owned_mirror(tbl, "redis_unmirror")?;
         drop_triggers(tbl)?;
@@ -249,7 +260,8 @@ fn redis_unmirror(tbl: pg_sys::Oid, purge: default!(Option<bool>, "false")) -> b
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_resync(tbl: pg_sys::Oid) -> i64 {
+fn redis_resync(tbl: PgRelation) -> i64 {
+    let tbl = tbl.oid();
     (|| -> Result<i64> {
         let m = owned_mirror(tbl, "redis_resync")?;
         let n = backfill::schedule(&m)?;
@@ -261,13 +273,14 @@ fn redis_resync(tbl: pg_sys::Oid) -> i64 {
 
 /// One backfill step for `CALL redis_backfill(tbl)` (which commits between steps).
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_backfill_step(tbl: pg_sys::Oid) -> TableIterator<'static, (name!(queued, i64), name!(done, bool), name!(rows_done, i64), name!(rows_total, i64))> {
+fn redis_backfill_step(tbl: PgRelation) -> TableIterator<'static, (name!(queued, i64), name!(done, bool), name!(rows_done, i64), name!(rows_total, i64))> {
+    let tbl = tbl.oid();
     let r = (|| -> Result<(i64, bool, i64, i64)> {
         let m = owned_mirror(tbl, "redis_backfill")?;
         let (q, done) = backfill::step(m.id)?;
         let (d, t) = as_role(ext_owner(), false, || {
             Spi::get_two_with_args::<i64, i64>(
-                "SELECT rows_done, rows_total FROM redis_internal.backfills WHERE mirror_id = $1",
+                "SELECT max(rows_done), max(rows_total) FROM redis_internal.backfills WHERE mirror_id = $1",
                 &[m.id.into()],
             )
             .map_err(spi_err)
@@ -301,7 +314,8 @@ fn redis_drain(max_changes: default!(Option<i32>, "NULL")) -> i64 {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_retry(tbl: default!(Option<pg_sys::Oid>, "NULL")) -> i64 {
+fn redis_retry(tbl: default!(Option<PgRelation>, "NULL")) -> i64 {
+    let tbl = tbl.map(|t| t.oid());
     (|| -> Result<i64> {
         let mirror_id = match tbl {
             Some(t) => Some(owned_mirror(t, "redis_retry")?.id),
