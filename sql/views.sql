@@ -55,6 +55,7 @@ BEGIN
   DELETE FROM redis_internal.mirrors m
    USING pg_event_trigger_dropped_objects() d
    WHERE d.objid = m.tbl::oid AND d.object_type = 'table';
+  PERFORM redis_internal.wake_worker();
 END $$;
 CREATE EVENT TRIGGER pg_redis_sql_drop ON sql_drop EXECUTE FUNCTION redis_internal.on_sql_drop();
 
@@ -71,3 +72,21 @@ BEGIN
     EXIT WHEN r.done;
   END LOOP;
 END $$;
+
+-- ALTER TABLE that breaks a mirror's template, column list or filter is refused.
+CREATE FUNCTION redis_internal.on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN
+    SELECT DISTINCT c.objid
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN redis_internal.mirrors m ON m.tbl::oid = c.objid
+     WHERE c.command_tag IN ('ALTER TABLE', 'DROP INDEX', 'ALTER INDEX', 'DROP TRIGGER')
+  LOOP
+    PERFORM redis_internal.revalidate(r.objid);
+  END LOOP;
+END $$;
+CREATE EVENT TRIGGER pg_redis_ddl_end ON ddl_command_end
+  WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION redis_internal.on_ddl_end();

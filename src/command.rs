@@ -14,9 +14,29 @@ use std::time::Duration;
 
 /// Commands that change the connection's state or protocol; the link must stay as it is.
 const REFUSED: &[&str] = &[
-    "SELECT", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH", "SUBSCRIBE", "PSUBSCRIBE",
-    "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE", "MONITOR", "HELLO", "AUTH",
-    "RESET", "QUIT", "SYNC", "PSYNC", "REPLCONF", "READONLY", "READWRITE", "ASKING",
+    "SELECT",
+    "MULTI",
+    "EXEC",
+    "DISCARD",
+    "WATCH",
+    "UNWATCH",
+    "SUBSCRIBE",
+    "PSUBSCRIBE",
+    "SSUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PUNSUBSCRIBE",
+    "SUNSUBSCRIBE",
+    "MONITOR",
+    "HELLO",
+    "AUTH",
+    "RESET",
+    "QUIT",
+    "SYNC",
+    "PSYNC",
+    "REPLCONF",
+    "READONLY",
+    "READWRITE",
+    "ASKING",
 ];
 /// CLIENT subcommands that would change how this connection behaves.
 const REFUSED_CLIENT: &[&str] = &["REPLY", "TRACKING", "SETNAME", "CACHING", "SETINFO"];
@@ -45,8 +65,12 @@ fn run(args: Vec<Option<&str>>) -> Result<Option<serde_json::Value>> {
         })
         .collect::<Result<_>>()?;
     let name = args[0].to_ascii_uppercase();
-    let sub = args.get(1).map(|s| s.to_ascii_uppercase()).unwrap_or_default();
-    if REFUSED.contains(&name.as_str()) || (name == "CLIENT" && REFUSED_CLIENT.contains(&sub.as_str()))
+    let sub = args
+        .get(1)
+        .map(|s| s.to_ascii_uppercase())
+        .unwrap_or_default();
+    if REFUSED.contains(&name.as_str())
+        || (name == "CLIENT" && REFUSED_CLIENT.contains(&sub.as_str()))
     {
         return Err(invalid(format!(
             "redis_command: {name}{} is refused: it would change the state of the session's shared connection",
@@ -71,28 +95,38 @@ fn run(args: Vec<Option<&str>>) -> Result<Option<serde_json::Value>> {
 /// Extra time a blocking command may legitimately take on the server; None = it may block forever.
 fn blocking_timeout(name: &str, args: &[String]) -> Result<Option<Duration>> {
     let secs = |s: &str| -> Result<Option<Duration>> {
-        let v: f64 = s
-            .parse()
-            .map_err(|_| invalid(format!("redis_command: {name}: timeout \"{s}\" is not a number")))?;
-        Ok(if v <= 0.0 { None } else { Some(Duration::from_secs_f64(v)) })
+        let v: f64 = s.parse().map_err(|_| {
+            invalid(format!(
+                "redis_command: {name}: timeout \"{s}\" is not a number"
+            ))
+        })?;
+        Ok(if v <= 0.0 {
+            None
+        } else {
+            Some(Duration::from_secs_f64(v))
+        })
     };
     let millis = |s: &str| -> Result<Option<Duration>> {
-        let v: u64 = s
-            .parse()
-            .map_err(|_| invalid(format!("redis_command: {name}: timeout \"{s}\" is not a number")))?;
-        Ok(if v == 0 { None } else { Some(Duration::from_millis(v)) })
+        let v: u64 = s.parse().map_err(|_| {
+            invalid(format!(
+                "redis_command: {name}: timeout \"{s}\" is not a number"
+            ))
+        })?;
+        Ok(if v == 0 {
+            None
+        } else {
+            Some(Duration::from_millis(v))
+        })
     };
     let last = || args.last().map(String::as_str).unwrap_or("0");
     match name {
         "BLPOP" | "BRPOP" | "BZPOPMIN" | "BZPOPMAX" | "BRPOPLPUSH" | "BLMOVE" => secs(last()),
         "BLMPOP" | "BZMPOP" => secs(args.get(1).map(String::as_str).unwrap_or("0")),
         "WAIT" | "WAITAOF" => millis(last()),
-        "XREAD" | "XREADGROUP" => {
-            match args.iter().position(|a| a.eq_ignore_ascii_case("BLOCK")) {
-                Some(i) => millis(args.get(i + 1).map(String::as_str).unwrap_or("0")),
-                None => Ok(Some(Duration::ZERO)),
-            }
-        }
+        "XREAD" | "XREADGROUP" => match args.iter().position(|a| a.eq_ignore_ascii_case("BLOCK")) {
+            Some(i) => millis(args.get(i + 1).map(String::as_str).unwrap_or("0")),
+            None => Ok(Some(Duration::ZERO)),
+        },
         _ => Ok(Some(Duration::ZERO)),
     }
 }
@@ -123,7 +157,9 @@ fn apply_prefix(prefix: &str, args: &mut [String]) -> Result<()> {
         None => return refuse("unknown command"),
     };
     if spec.has_subcommands {
-        let Some(sub) = args.get(1) else { return refuse("missing subcommand") };
+        let Some(sub) = args.get(1) else {
+            return refuse("missing subcommand");
+        };
         let full = format!("{name}|{}", sub.to_ascii_lowercase());
         spec = match command_info(&full)? {
             Some(s) => s,
@@ -140,7 +176,11 @@ fn apply_prefix(prefix: &str, args: &mut [String]) -> Result<()> {
         return refuse("it does not name its keys, so it could reach keys outside the prefix");
     }
     let n = args.len() as i64;
-    let last = if spec.last < 0 { n + spec.last } else { spec.last.min(n - 1) };
+    let last = if spec.last < 0 {
+        n + spec.last
+    } else {
+        spec.last.min(n - 1)
+    };
     let step = spec.step.max(1);
     let mut i = spec.first;
     while i <= last && i < n {
@@ -156,7 +196,10 @@ fn command_info(name: &str) -> Result<Option<KeySpec>> {
         return Ok(hit);
     }
     let what = format!("COMMAND INFO {name}");
-    let reply = call(&Call::new(&what), redis::cmd("COMMAND").arg("INFO").arg(name))?;
+    let reply = call(
+        &Call::new(&what),
+        redis::cmd("COMMAND").arg("INFO").arg(name),
+    )?;
     let reply = value::check(&what, reply)?;
     let spec = parse_info(reply);
     SPECS.with(|s| s.borrow_mut().insert(name.to_string(), spec.clone()));
@@ -164,8 +207,12 @@ fn command_info(name: &str) -> Result<Option<KeySpec>> {
 }
 
 fn parse_info(reply: Value) -> Option<KeySpec> {
-    let Value::Array(mut outer) = reply else { return None };
-    let Value::Array(entry) = outer.pop()? else { return None };
+    let Value::Array(mut outer) = reply else {
+        return None;
+    };
+    let Value::Array(entry) = outer.pop()? else {
+        return None;
+    };
     let int = |v: Option<&Value>| match v {
         Some(Value::Int(i)) => *i,
         _ => 0,
@@ -190,4 +237,3 @@ fn parse_info(reply: Value) -> Option<KeySpec> {
         has_subcommands,
     })
 }
-

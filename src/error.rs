@@ -9,7 +9,11 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 pub enum Error {
     /// Could not reach Redis, or the connection dropped (class 08).
     #[error("pg_redis: {what}: could not connect to Redis at {addr}: {cause}")]
-    Connect { what: String, addr: String, cause: String },
+    Connect {
+        what: String,
+        addr: String,
+        cause: String,
+    },
     #[error("pg_redis: {what}: connection to Redis lost: {cause}")]
     ConnectionLost { what: String, cause: String },
     /// The command or pipeline took longer than `pg_redis.command_timeout` (57014).
@@ -29,7 +33,11 @@ pub enum Error {
     WrongObject(String),
     /// A reply that does not fit the SQL return type (invalid UTF-8: 22021, too large: 54000).
     #[error("pg_redis: {what}: {why}")]
-    BadReply { what: String, why: String, code: PgSqlErrorCode },
+    BadReply {
+        what: String,
+        why: String,
+        code: PgSqlErrorCode,
+    },
     /// Anything else, internal (XX000).
     #[error("pg_redis: {0}")]
     Internal(String),
@@ -58,7 +66,10 @@ impl Error {
 
     /// Is this a failure of the link to Redis (as opposed to Redis refusing a command)?
     pub fn is_connection(&self) -> bool {
-        matches!(self, Error::Connect { .. } | Error::ConnectionLost { .. } | Error::Timeout { .. })
+        matches!(
+            self,
+            Error::Connect { .. } | Error::ConnectionLost { .. } | Error::Timeout { .. }
+        )
     }
 
     /// Raise as a PostgreSQL ERROR; does not return.
@@ -67,12 +78,6 @@ impl Error {
         let msg = redact(&self.to_string());
         ErrorReport::new(code, msg, "pg_redis").report(PgLogLevel::ERROR);
         unreachable!("ereport(ERROR) returned")
-    }
-
-    /// Log at WARNING (for paths that must not fail, e.g. around COMMIT).
-    pub fn warn(&self) {
-        ErrorReport::new(self.sqlstate(), redact(&self.to_string()), "pg_redis")
-            .report(PgLogLevel::WARNING);
     }
 }
 

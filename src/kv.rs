@@ -26,7 +26,7 @@ pub fn describe(op: &str, key: &str) -> String {
     format!("{op} {k:?}")
 }
 
-fn need<'a, T>(v: Option<T>, what: &str, arg: &str) -> Result<T> {
+fn need<T>(v: Option<T>, what: &str, arg: &str) -> Result<T> {
     v.ok_or_else(|| invalid(format!("{what}: {arg} must not be NULL")))
 }
 
@@ -47,18 +47,22 @@ fn run(what: &str, c: &Cmd) -> Result<redis::Value> {
 fn redis_get(key: &str) -> Option<String> {
     let k = prefixed(key);
     let what = describe("GET", &k);
-    run(&what, cmd("GET").arg(&k)).and_then(|v| value::text(&what, v)).or_raise()
+    run(&what, cmd("GET").arg(&k))
+        .and_then(|v| value::text(&what, v))
+        .or_raise()
 }
 
 #[pg_extern(strict, volatile, parallel_restricted)]
 fn redis_get_bytea(key: &str) -> Option<Vec<u8>> {
     let k = prefixed(key);
     let what = describe("GET", &k);
-    run(&what, cmd("GET").arg(&k)).and_then(|v| value::bytes(&what, v)).or_raise()
+    run(&what, cmd("GET").arg(&k))
+        .and_then(|v| value::bytes(&what, v))
+        .or_raise()
 }
 
-fn set_impl(key: Option<&str>, value: Option<&[u8]>, ttl: Option<i32>) -> Result<()> {
-    let key = need(key, "redis_set", "key")?;
+fn set_impl(func: &str, key: Option<&str>, value: Option<&[u8]>, ttl: Option<i32>) -> Result<()> {
+    let key = need(key, func, "key")?;
     let k = prefixed(key);
     let what = describe("SET", &k);
     let value = need(value, &what, "value (use redis_del to remove a key)")?;
@@ -73,7 +77,7 @@ fn set_impl(key: Option<&str>, value: Option<&[u8]>, ttl: Option<i32>) -> Result
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn redis_set(key: Option<&str>, value: Option<&str>, ttl_seconds: default!(Option<i32>, "NULL")) {
-    set_impl(key, value.map(str::as_bytes), ttl_seconds).or_raise()
+    set_impl("redis_set", key, value.map(str::as_bytes), ttl_seconds).or_raise()
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -82,7 +86,7 @@ fn redis_set_bytea(
     value: Option<&[u8]>,
     ttl_seconds: default!(Option<i32>, "NULL"),
 ) {
-    set_impl(key, value, ttl_seconds).or_raise()
+    set_impl("redis_set_bytea", key, value, ttl_seconds).or_raise()
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -95,14 +99,19 @@ fn redis_del(keys: Option<VariadicArray<'_, &str>>) -> i64 {
         return 0;
     }
     let what = describe("DEL", &keys.join(" "));
-    run(&what, cmd("DEL").arg(&keys)).and_then(|v| value::int(&what, v)).or_raise()
+    run(&what, cmd("DEL").arg(&keys))
+        .and_then(|v| value::int(&what, v))
+        .or_raise()
 }
 
 #[pg_extern(strict, volatile, parallel_restricted)]
 fn redis_exists(key: &str) -> bool {
     let k = prefixed(key);
     let what = describe("EXISTS", &k);
-    run(&what, cmd("EXISTS").arg(&k)).and_then(|v| value::int(&what, v)).or_raise() > 0
+    run(&what, cmd("EXISTS").arg(&k))
+        .and_then(|v| value::int(&what, v))
+        .or_raise()
+        > 0
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -121,7 +130,9 @@ fn redis_expire(key: Option<&str>, ttl_seconds: Option<i32>) -> bool {
 fn redis_ttl(key: &str) -> i64 {
     let k = prefixed(key);
     let what = describe("TTL", &k);
-    run(&what, cmd("TTL").arg(&k)).and_then(|v| value::int(&what, v)).or_raise()
+    run(&what, cmd("TTL").arg(&k))
+        .and_then(|v| value::int(&what, v))
+        .or_raise()
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -170,7 +181,9 @@ fn redis_hset(key: Option<&str>, fields: Option<JsonB>) -> i64 {
         let what = describe("HSET", &k);
         let fields = need(fields, &what, "fields")?;
         let serde_json::Value::Object(map) = fields.0 else {
-            return Err(invalid(format!("{what}: fields must be a JSON object of field: value")));
+            return Err(invalid(format!(
+                "{what}: fields must be a JSON object of field: value"
+            )));
         };
         let mut c = cmd("HSET");
         c.arg(&k);
@@ -185,7 +198,9 @@ fn redis_hset(key: Option<&str>, fields: Option<JsonB>) -> i64 {
             n += 1;
         }
         if n == 0 {
-            return Err(invalid(format!("{what}: fields must hold at least one non-null value")));
+            return Err(invalid(format!(
+                "{what}: fields must hold at least one non-null value"
+            )));
         }
         run(&what, &c).and_then(|v| value::int(&what, v))
     })()
@@ -196,7 +211,9 @@ fn redis_hset(key: Option<&str>, fields: Option<JsonB>) -> i64 {
 fn redis_hget(key: &str, field: &str) -> Option<String> {
     let k = prefixed(key);
     let what = describe("HGET", &k);
-    run(&what, cmd("HGET").arg(&k).arg(field)).and_then(|v| value::text(&what, v)).or_raise()
+    run(&what, cmd("HGET").arg(&k).arg(field))
+        .and_then(|v| value::text(&what, v))
+        .or_raise()
 }
 
 #[pg_extern(strict, volatile, parallel_restricted)]
@@ -228,7 +245,9 @@ pub fn hash_to_json(what: &str, reply: redis::Value) -> Result<Option<serde_json
     let mut obj = serde_json::Map::new();
     for (f, v) in pairs {
         let f = value::text(what, f)?.unwrap_or_default();
-        let v = value::text(what, v)?.map(serde_json::Value::String).unwrap_or_default();
+        let v = value::text(what, v)?
+            .map(serde_json::Value::String)
+            .unwrap_or_default();
         obj.insert(f, v);
     }
     Ok(Some(serde_json::Value::Object(obj)))
@@ -248,5 +267,8 @@ fn redis_publish(channel: Option<&str>, message: Option<&str>) -> i64 {
 
 #[pg_extern(volatile, parallel_restricted)]
 fn redis_ping() -> String {
-    run("PING", &cmd("PING")).and_then(|v| value::text("PING", v)).or_raise().unwrap_or_default()
+    run("PING", &cmd("PING"))
+        .and_then(|v| value::text("PING", v))
+        .or_raise()
+        .unwrap_or_default()
 }

@@ -9,19 +9,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 mod command;
 mod delivery;
 mod error;
-mod mirror;
 mod kv;
+mod mirror;
 mod redis;
 mod settings;
 
 ::pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
-extension_sql_file!("../sql/catalog.sql", name = "catalog", requires = ["bootstrap"]);
+extension_sql_file!(
+    "../sql/catalog.sql",
+    name = "catalog",
+    requires = ["bootstrap"]
+);
 extension_sql_file!(
     "../sql/views.sql",
     name = "views",
-    requires = ["catalog", mirror::redis_worker_info, mirror::redis_backfill_step, mirror::redis_drain]
+    requires = [
+        "catalog",
+        mirror::redis_worker_info,
+        mirror::redis_backfill_step,
+        mirror::redis_drain,
+        mirror::wake_worker,
+        mirror::revalidate
+    ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
@@ -67,7 +78,9 @@ mod tests {
         Spi::run("SELECT redis_set(NULL, 'v')").unwrap();
     }
 
-    #[pg_test(error = "pg_redis: redis_command: SELECT is refused: it would change the state of the session's shared connection")]
+    #[pg_test(
+        error = "pg_redis: redis_command: SELECT is refused: it would change the state of the session's shared connection"
+    )]
     fn command_refuses_select() {
         Spi::run("SELECT redis_command('SELECT', '1')").unwrap();
     }

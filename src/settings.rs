@@ -10,11 +10,13 @@ use std::ffi::CString;
 use std::time::Duration;
 
 /// Where Redis is: `redis://[user[:password]@]host:port/db`, `unix:///path`, `rediss://` (TLS).
-static URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379/0"));
+static URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379/0"));
 /// A file readable only by the server's OS user that holds the Redis password.
 static PASSWORD_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// `standalone`, `cluster` or `sentinel`.
-static TOPOLOGY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"standalone"));
+static TOPOLOGY: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"standalone"));
 /// The master's service name, with `sentinel`.
 static SENTINEL_MASTER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -28,16 +30,18 @@ static COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Changes per pipelined round trip.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
-/// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms).
+/// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms); read once the
+/// commit mode exists (not in this version).
 static COMMIT_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Failed deliveries of one change before it moves to the dead letters.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// Queue size (kB) past which a mirror stops capturing and is marked `needs_resync`.
 static MAX_QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024 * 1024);
-/// Approximate cap (`MAXLEN ~`) of change-event streams.
+/// Approximate cap (`MAXLEN ~`) of change-event streams; read once streams exist.
 static STREAM_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 /// Databases whose queues the background workers serve.
-static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 pub fn init() {
     let hidden = GucFlags::SUPERUSER_ONLY;
@@ -208,7 +212,11 @@ pub fn sentinel_master() -> Option<String> {
     string(&SENTINEL_MASTER)
 }
 pub fn tls_files() -> (Option<String>, Option<String>, Option<String>) {
-    (string(&TLS_CA_FILE), string(&TLS_CERT_FILE), string(&TLS_KEY_FILE))
+    (
+        string(&TLS_CA_FILE),
+        string(&TLS_CERT_FILE),
+        string(&TLS_KEY_FILE),
+    )
 }
 pub fn connect_timeout() -> Duration {
     Duration::from_millis(CONNECT_TIMEOUT_MS.get().max(1) as u64)
@@ -226,17 +234,11 @@ pub fn key_prefix() -> String {
 pub fn batch_size() -> usize {
     BATCH_SIZE.get().max(1) as usize
 }
-pub fn commit_wait_timeout() -> Duration {
-    Duration::from_millis(COMMIT_WAIT_TIMEOUT_MS.get().max(0) as u64)
-}
 pub fn max_attempts() -> i32 {
     MAX_ATTEMPTS.get().max(1)
 }
 pub fn max_queue_size_bytes() -> i64 {
     MAX_QUEUE_SIZE_KB.get() as i64 * 1024
-}
-pub fn stream_maxlen() -> i64 {
-    STREAM_MAXLEN.get() as i64
 }
 pub fn databases() -> Vec<String> {
     string(&DATABASES)

@@ -757,7 +757,7 @@ def _grant_all_but_command(db, role):
             WHERE e.extname = 'pg_redis' AND p.proname LIKE 'redis\\_%%'
               AND p.proname <> 'redis_command'""")]
     for fn in fns:
-        db.execute(f'GRANT EXECUTE ON FUNCTION {fn} TO "{role}"')
+        db.execute(f'GRANT EXECUTE ON ROUTINE {fn} TO "{role}"')  # procedures too
     return fns
 
 

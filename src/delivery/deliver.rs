@@ -51,12 +51,16 @@ fn spi_err(e: pgrx::spi::SpiError) -> Error {
 
 fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
     let locked = if wait_for_lock {
-        Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[DELIVERY_LOCK.into()]).map_err(spi_err)?;
+        Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[DELIVERY_LOCK.into()])
+            .map_err(spi_err)?;
         true
     } else {
-        Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_xact_lock($1)", &[DELIVERY_LOCK.into()])
-            .map_err(spi_err)?
-            .unwrap_or(false)
+        Spi::get_one_with_args::<bool>(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[DELIVERY_LOCK.into()],
+        )
+        .map_err(spi_err)?
+        .unwrap_or(false)
     };
     if !locked {
         return Ok(Outcome::default());
@@ -104,7 +108,10 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
     let mut results = Vec::with_capacity(batch.len());
     let mut pending: Vec<(usize, usize)> = vec![]; // (change index, commands it sent)
     let mut cmds: Vec<Cmd> = vec![];
-    let flush = |cmds: &mut Vec<Cmd>, pending: &mut Vec<(usize, usize)>, results: &mut Vec<std::result::Result<(), String>>| -> Result<()> {
+    let flush = |cmds: &mut Vec<Cmd>,
+                 pending: &mut Vec<(usize, usize)>,
+                 results: &mut Vec<std::result::Result<(), String>>|
+     -> Result<()> {
         if cmds.is_empty() {
             return Ok(());
         }
@@ -212,9 +219,19 @@ pub fn purge_pattern(pattern: &str) -> Result<i64> {
     let mut removed = 0i64;
     let what = format!("SCAN MATCH {pattern:?}");
     loop {
-        let reply = call(&Call::new(&what), cmd("SCAN").arg(&cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000))?;
+        let reply = call(
+            &Call::new(&what),
+            cmd("SCAN")
+                .arg(&cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000),
+        )?;
         let reply = value::check(&what, reply)?;
-        let Value::Array(mut parts) = reply else { return Err(value::unexpected(&what, &reply)) };
+        let Value::Array(mut parts) = reply else {
+            return Err(value::unexpected(&what, &reply));
+        };
         let keys = parts.pop().unwrap_or(Value::Nil);
         let next = parts.pop().unwrap_or(Value::Nil);
         cursor = value::text(&what, next)?.unwrap_or_else(|| "0".into());
@@ -262,14 +279,21 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             Err(e) => {
                 failed_ids.push(q.id);
                 s.1 += 1;
-                s.3 = Some(format!("{} {:?}: {e}", if q.op == "s" { "SET" } else { "DEL" }, q.key));
+                s.3 = Some(format!(
+                    "{} {:?}: {e}",
+                    if q.op == "s" { "SET" } else { "DEL" },
+                    q.key
+                ));
                 failed_errs.push(e);
             }
         }
     }
     let _ = batch.iter().map(|q| q.attempts).max();
-    Spi::run_with_args("DELETE FROM redis_internal.queue WHERE id = ANY($1)", &[done.clone().into()])
-        .map_err(spi_err)?;
+    Spi::run_with_args(
+        "DELETE FROM redis_internal.queue WHERE id = ANY($1)",
+        &[done.clone().into()],
+    )
+    .map_err(spi_err)?;
     if !failed_ids.is_empty() {
         Spi::run_with_args(
             "UPDATE redis_internal.queue q SET attempts = q.attempts + 1, last_error = u.e \
@@ -298,7 +322,11 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         )
         .map_err(spi_err)?;
     }
-    Ok(Outcome { claimed: batch.len(), delivered: done.len(), failed: failed_ids.len() })
+    Ok(Outcome {
+        claimed: batch.len(),
+        delivered: done.len(),
+        failed: failed_ids.len(),
+    })
 }
 
 /// Note a failure to reach Redis in every mirror's stats (the queue keeps the changes).

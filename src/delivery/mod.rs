@@ -41,7 +41,9 @@ pub fn worker_pid() -> Option<i32> {
     }
     let me = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let slots = SLOTS.share();
-    (0..MAX_WORKERS).find(|&i| slots.db[i] == me && slots.pid[i] != 0).map(|i| slots.pid[i])
+    (0..MAX_WORKERS)
+        .find(|&i| slots.db[i] == me && slots.pid[i] != 0)
+        .map(|i| slots.pid[i])
 }
 
 thread_local! {
@@ -62,15 +64,18 @@ pub fn wake_at_commit() {
 
 /// At COMMIT interrupts are held and an ERROR would become a PANIC: only set a latch here.
 #[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_PENDING.with(|w| w.replace(false)) {
-                if let Some(pid) = worker_pid() {
-                    let proc_ = unsafe { pg_sys::BackendPidGetProc(pid) };
-                    if !proc_.is_null() {
-                        unsafe { pg_sys::SetLatch(&mut (*proc_).procLatch) };
-                    }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            if WAKE_PENDING.with(|w| w.replace(false)) =>
+        {
+            if let Some(pid) = worker_pid() {
+                let proc_ = unsafe { pg_sys::BackendPidGetProc(pid) };
+                if !proc_.is_null() {
+                    unsafe { pg_sys::SetLatch(&mut (*proc_).procLatch) };
                 }
             }
         }

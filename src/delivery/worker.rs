@@ -11,7 +11,11 @@ use pgrx::prelude::*;
 use std::time::Duration;
 
 pub fn register_workers() {
-    for (i, db) in crate::settings::databases().into_iter().enumerate().take(MAX_WORKERS) {
+    for (i, db) in crate::settings::databases()
+        .into_iter()
+        .enumerate()
+        .take(MAX_WORKERS)
+    {
         BackgroundWorkerBuilder::new(&format!("pg_redis worker for {db}"))
             .set_type("pg_redis worker")
             .set_function("pg_redis_worker_main")

@@ -64,7 +64,9 @@ pub fn step_any() -> Result<bool> {
 
 /// One step of one mirror's backfill: returns (rows queued, done?).
 pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
-    let Some(m) = catalog::by_id(mirror_id)? else { return Ok((0, true)) };
+    let Some(m) = catalog::by_id(mirror_id)? else {
+        return Ok((0, true));
+    };
     let (next, total) = as_role(ext_owner(), false, || {
         Spi::get_two_with_args::<i64, i64>(
             "SELECT next_block, total_blocks FROM redis_internal.backfills WHERE mirror_id = $1 FOR UPDATE",
@@ -75,7 +77,9 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
             e => Err(spi_err(e)),
         })
     })?;
-    let (Some(next), Some(total)) = (next, total) else { return Ok((0, true)) };
+    let (Some(next), Some(total)) = (next, total) else {
+        return Ok((0, true));
+    };
     let end = (next + BLOCKS_PER_STEP).min(total.max(next + 1));
     let mut queued = 0i64;
     if next < total && m.action == "write" {
@@ -91,9 +95,9 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         let rows: Vec<(String, Option<String>, bool)> = as_role(owner, true, || {
             with_render_settings(|| {
                 Spi::connect(|c| {
-                    let rows = c.select(&sql, None, &[]).map_err(|e| {
-                        Error::Internal(format!("backfill of {table}: {e}"))
-                    })?;
+                    let rows = c
+                        .select(&sql, None, &[])
+                        .map_err(|e| Error::Internal(format!("backfill of {table}: {e}")))?;
                     rows.into_iter()
                         .map(|r| {
                             Ok((
@@ -109,7 +113,11 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         let changes: Vec<Change> = rows
             .into_iter()
             .filter(|r| r.2)
-            .map(|(k, p, _)| Change { op: "s", key: k, payload: p })
+            .map(|(k, p, _)| Change {
+                op: "s",
+                key: k,
+                payload: p,
+            })
             .collect();
         queued = changes.len() as i64;
         enqueue(&m, changes)?;
@@ -117,8 +125,11 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
     let done = end >= total;
     as_role(ext_owner(), false, || -> Result<()> {
         if done {
-            Spi::run_with_args("DELETE FROM redis_internal.backfills WHERE mirror_id = $1", &[mirror_id.into()])
-                .map_err(spi_err)?;
+            Spi::run_with_args(
+                "DELETE FROM redis_internal.backfills WHERE mirror_id = $1",
+                &[mirror_id.into()],
+            )
+            .map_err(spi_err)?;
             Spi::run_with_args(
                 "UPDATE redis_internal.mirrors SET state = 'active' WHERE id = $1 AND state = 'backfilling'",
                 &[mirror_id.into()],
@@ -143,5 +154,9 @@ pub fn qualified(relid: pg_sys::Oid) -> Result<String> {
         &[relid.into()],
     )
     .map_err(spi_err)?;
-    Ok(format!("{}.{}", quote_ident(&nsp.unwrap_or_default()), quote_ident(&rel.unwrap_or_default())))
+    Ok(format!(
+        "{}.{}",
+        quote_ident(&nsp.unwrap_or_default()),
+        quote_ident(&rel.unwrap_or_default())
+    ))
 }

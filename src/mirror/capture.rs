@@ -32,7 +32,9 @@ fn redis_mirror_trigger<'a>(
 }
 
 fn capture(trigger: &PgTrigger) -> Res<()> {
-    let relid = trigger.relid().map_err(|e| Error::Internal(e.to_string()))?;
+    let relid = trigger
+        .relid()
+        .map_err(|e| Error::Internal(e.to_string()))?;
     if !matches!(trigger.level(), pgrx::PgTriggerLevel::Statement) {
         return Err(Error::InvalidArgument(format!(
             "redis_mirror_trigger on {}: must be a FOR EACH STATEMENT trigger with transition tables (see docs/mirroring.md)",
@@ -50,8 +52,16 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
     }
     let op = trigger.op().map_err(|e| Error::Internal(e.to_string()))?;
     let td = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
-    let old_name = trigger.old_transition_table_name().ok().flatten().map(str::to_string);
-    let new_name = trigger.new_transition_table_name().ok().flatten().map(str::to_string);
+    let old_name = trigger
+        .old_transition_table_name()
+        .ok()
+        .flatten()
+        .map(str::to_string);
+    let new_name = trigger
+        .new_transition_table_name()
+        .ok()
+        .flatten()
+        .map(str::to_string);
     let need = |n: &Option<String>, which: &str| {
         n.clone().ok_or_else(|| {
             Error::InvalidArgument(format!(
@@ -62,7 +72,11 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
     };
     let changes = match op {
         PgTriggerOperation::Truncate => {
-            vec![Change { op: "t", key: m.key_pattern.clone(), payload: None }]
+            vec![Change {
+                op: "t",
+                key: m.key_pattern.clone(),
+                payload: None,
+            }]
         }
         PgTriggerOperation::Insert => {
             let new = render(&m, td, &need(&new_name, "NEW")?)?;
@@ -72,7 +86,13 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
         }
         PgTriggerOperation::Delete => {
             let old = render_keys(&m, td, &need(&old_name, "OLD")?)?;
-            old.into_iter().map(|k| Change { op: "d", key: k, payload: None }).collect()
+            old.into_iter()
+                .map(|k| Change {
+                    op: "d",
+                    key: k,
+                    payload: None,
+                })
+                .collect()
         }
         PgTriggerOperation::Update => {
             let old = render_keys(&m, td, &need(&old_name, "OLD")?)?;
@@ -81,28 +101,87 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
             let mut out: Vec<Change> = old
                 .into_iter()
                 .filter(|k| !new_keys.contains(k.as_str()))
-                .map(|k| Change { op: "d", key: k, payload: None })
+                .map(|k| Change {
+                    op: "d",
+                    key: k,
+                    payload: None,
+                })
                 .collect();
-            out.extend(new.into_iter().filter_map(|(k, p, pass)| write_or_delete(&m, k, p, pass, false)));
+            out.extend(
+                new.into_iter()
+                    .filter_map(|(k, p, pass)| write_or_delete(&m, k, p, pass, false)),
+            );
             out
         }
     };
+    if changes.is_empty() {
+        return Ok(());
+    }
+    if queue_overflowing(&m)? {
+        return Ok(());
+    }
     enqueue(&m, changes)?;
     crate::delivery::wake_at_commit();
     Ok(())
 }
 
+/// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is
+/// marked `needs_resync`; `redis_resync` brings Redis back in step once the queue has drained.
+fn queue_overflowing(m: &Mirror) -> Res<bool> {
+    let limit = crate::settings::max_queue_size_bytes();
+    let size = as_role(ext_owner(), false, || {
+        Spi::get_one::<i64>(
+            "SELECT pg_catalog.pg_total_relation_size('redis_internal.queue'::regclass)",
+        )
+    })
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .unwrap_or(0);
+    if size <= limit {
+        return Ok(false);
+    }
+    as_role(ext_owner(), false, || {
+        Spi::run_with_args(
+            "UPDATE redis_internal.mirrors SET state = 'needs_resync' WHERE id = $1",
+            &[m.id.into()],
+        )
+    })
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    warning!(
+        "pg_redis: the queue is larger than pg_redis.max_queue_size ({size} bytes): mirror of {} stops capturing and needs redis_resync() once Redis catches up",
+        m.table_name()
+    );
+    Ok(true)
+}
+
 /// What one new row means in Redis: its key written, or (invalidate / outside the filter) removed.
-fn write_or_delete(m: &Mirror, key: String, payload: Option<String>, pass: bool, insert: bool) -> Option<Change> {
+fn write_or_delete(
+    m: &Mirror,
+    key: String,
+    payload: Option<String>,
+    pass: bool,
+    insert: bool,
+) -> Option<Change> {
     if m.action == "invalidate" {
-        return Some(Change { op: "d", key, payload: None });
+        return Some(Change {
+            op: "d",
+            key,
+            payload: None,
+        });
     }
     if pass {
-        Some(Change { op: "s", key, payload })
+        Some(Change {
+            op: "s",
+            key,
+            payload,
+        })
     } else if insert {
         None // a new row outside the filter: nothing can be in Redis for it
     } else {
-        Some(Change { op: "d", key, payload: None })
+        Some(Change {
+            op: "d",
+            key,
+            payload: None,
+        })
     }
 }
 
@@ -127,8 +206,14 @@ fn render(m: &Mirror, td: *mut pg_sys::TriggerData, tt: &str) -> Res<Rendered> {
 }
 
 fn render_keys(m: &Mirror, td: *mut pg_sys::TriggerData, tt: &str) -> Res<Vec<String>> {
-    let sql = format!("SELECT {} FROM {} r", m.key_sql()?, super::template::quote_ident(tt));
-    run_as_owner(m, td, &sql, |row| Ok(row.get::<String>(1)?.unwrap_or_default()))
+    let sql = format!(
+        "SELECT {} FROM {} r",
+        m.key_sql()?,
+        super::template::quote_ident(tt)
+    );
+    run_as_owner(m, td, &sql, |row| {
+        Ok(row.get::<String>(1)?.unwrap_or_default())
+    })
 }
 
 fn run_as_owner<T>(
@@ -143,11 +228,15 @@ fn run_as_owner<T>(
         with_render_settings(|| {
             Spi::connect(|c| {
                 unsafe { pg_sys::SPI_register_trigger_data(td) };
-                let rows = c.select(sql, None, &[]).map_err(|e| {
-                    Error::Internal(format!("capturing a change of {table}: {e}"))
-                })?;
+                let rows = c
+                    .select(sql, None, &[])
+                    .map_err(|e| Error::Internal(format!("capturing a change of {table}: {e}")))?;
                 rows.into_iter()
-                    .map(|r| f(&r).map_err(|e| Error::Internal(format!("capturing a change of {table}: {e}"))))
+                    .map(|r| {
+                        f(&r).map_err(|e| {
+                            Error::Internal(format!("capturing a change of {table}: {e}"))
+                        })
+                    })
                     .collect()
             })
         })

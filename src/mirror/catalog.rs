@@ -15,31 +15,31 @@ pub struct Mirror {
     pub key_prefix: String,
     pub format: String,
     pub columns: Option<Vec<String>>,
-    pub ttl_seconds: Option<i32>,
-    pub mode: String,
     pub action: String,
     pub filter: Option<String>,
     pub state: String,
     pub key_pattern: String,
 }
 
-const COLS: &str = "id, tbl::oid, key_template, key_prefix, format, columns, ttl_seconds, mode, action, filter, state, key_pattern";
+const COLS: &str =
+    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
     Ok(Mirror {
         id: row.get::<i32>(1).map_err(e)?.unwrap_or_default(),
-        tbl: row.get::<pg_sys::Oid>(2).map_err(e)?.unwrap_or(pg_sys::InvalidOid),
+        tbl: row
+            .get::<pg_sys::Oid>(2)
+            .map_err(e)?
+            .unwrap_or(pg_sys::InvalidOid),
         key_template: row.get::<String>(3).map_err(e)?.unwrap_or_default(),
         key_prefix: row.get::<String>(4).map_err(e)?.unwrap_or_default(),
         format: row.get::<String>(5).map_err(e)?.unwrap_or_default(),
         columns: row.get::<Vec<String>>(6).map_err(e)?,
-        ttl_seconds: row.get::<i32>(7).map_err(e)?,
-        mode: row.get::<String>(8).map_err(e)?.unwrap_or_default(),
-        action: row.get::<String>(9).map_err(e)?.unwrap_or_default(),
-        filter: row.get::<String>(10).map_err(e)?,
-        state: row.get::<String>(11).map_err(e)?.unwrap_or_default(),
-        key_pattern: row.get::<String>(12).map_err(e)?.unwrap_or_default(),
+        action: row.get::<String>(7).map_err(e)?.unwrap_or_default(),
+        filter: row.get::<String>(8).map_err(e)?,
+        state: row.get::<String>(9).map_err(e)?.unwrap_or_default(),
+        key_pattern: row.get::<String>(10).map_err(e)?.unwrap_or_default(),
     })
 }
 
@@ -83,7 +83,11 @@ pub fn all() -> Result<Vec<Mirror>> {
     as_role(ext_owner(), false, || {
         Spi::connect(|c| {
             let rows = c
-                .select(&format!("SELECT {COLS} FROM redis_internal.mirrors ORDER BY id"), None, &[])
+                .select(
+                    &format!("SELECT {COLS} FROM redis_internal.mirrors ORDER BY id"),
+                    None,
+                    &[],
+                )
                 .map_err(|e| Error::Internal(e.to_string()))?;
             rows.into_iter().map(|r| from_row(&r)).collect()
         })

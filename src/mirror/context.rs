@@ -56,7 +56,10 @@ pub fn with_render_settings<R>(f: impl FnOnce() -> R) -> R {
         ("bytea_output", "hex"),
         ("search_path", "pg_catalog, pg_temp"),
     ] {
-        let (n, v) = (CString::new(name).unwrap_or_default(), CString::new(value).unwrap_or_default());
+        let (n, v) = (
+            CString::new(name).unwrap_or_default(),
+            CString::new(value).unwrap_or_default(),
+        );
         unsafe {
             pg_sys::set_config_option(
                 n.as_ptr(),

@@ -34,7 +34,19 @@ fn redis_mirror(
     stream: default!(Option<&str>, "NULL"),
     backfill: default!(Option<bool>, "true"),
 ) -> i64 {
-    mirror(tbl.oid(), key_template, format, columns, ttl_seconds, mode, action, filter, stream, backfill).or_raise()
+    mirror(
+        tbl.oid(),
+        key_template,
+        format,
+        columns,
+        ttl_seconds,
+        mode,
+        action,
+        filter,
+        stream,
+        backfill,
+    )
+    .or_raise()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -56,29 +68,41 @@ fn mirror(
     let t = validate::table(tbl)?;
     let format = format.unwrap_or("json");
     if !matches!(format, "json" | "hash") {
-        return Err(invalid(format!("redis_mirror: format must be 'json' or 'hash', not '{format}'")));
+        return Err(invalid(format!(
+            "redis_mirror: format must be 'json' or 'hash', not '{format}'"
+        )));
     }
     let mode = mode.unwrap_or("queue");
     match mode {
         "queue" => {}
         "commit" | "sync" => {
             return Err(invalid(format!(
-                "redis_mirror: mode '{mode}' is not available in this version of pg_redis; use 'queue'"
+            "redis_mirror: mode '{mode}' is not available in this version of pg_redis; use 'queue'"
+        )))
+        }
+        other => {
+            return Err(invalid(format!(
+                "redis_mirror: mode must be 'queue', 'commit' or 'sync', not '{other}'"
             )))
         }
-        other => return Err(invalid(format!("redis_mirror: mode must be 'queue', 'commit' or 'sync', not '{other}'"))),
     }
     let action = action.unwrap_or("write");
     if !matches!(action, "write" | "invalidate") {
-        return Err(invalid(format!("redis_mirror: action must be 'write' or 'invalidate', not '{action}'")));
+        return Err(invalid(format!(
+            "redis_mirror: action must be 'write' or 'invalidate', not '{action}'"
+        )));
     }
     if let Some(ttl) = ttl_seconds {
         if ttl <= 0 {
-            return Err(invalid(format!("redis_mirror: ttl_seconds must be positive (got {ttl}); NULL means no expiry")));
+            return Err(invalid(format!(
+                "redis_mirror: ttl_seconds must be positive (got {ttl}); NULL means no expiry"
+            )));
         }
     }
     if stream.is_some() {
-        return Err(invalid("redis_mirror: change-event streams are not available in this version of pg_redis"));
+        return Err(invalid(
+            "redis_mirror: change-event streams are not available in this version of pg_redis",
+        ));
     }
     let keys = validate::unique_keys(tbl)?;
     let template = match key_template {
@@ -90,13 +114,22 @@ fn mirror(
                     t.name
                 )));
             };
-            let base = if t.is_public { t.relname.clone() } else { t.name.clone() };
+            let base = if t.is_public {
+                t.relname.clone()
+            } else {
+                t.name.clone()
+            };
             let base = base.replace('{', "{{").replace('}', "}}").replace('"', "");
             let cols: Vec<String> = pk.iter().map(|c| format!("{{{c}}}")).collect();
             format!("{base}:{}", cols.join(":"))
         }
     };
-    let parts = template::parse(&template).map_err(|e| invalid(format!("redis_mirror: {}", e.to_string().trim_start_matches("pg_redis: "))))?;
+    let parts = template::parse(&template).map_err(|e| {
+        invalid(format!(
+            "redis_mirror: {}",
+            e.to_string().trim_start_matches("pg_redis: ")
+        ))
+    })?;
     validate::template(&t, &parts, &keys, &template)?;
     let columns: Option<Vec<String>> = match columns {
         None => None,
@@ -110,7 +143,9 @@ fn mirror(
                 out.push(c);
             }
             if out.is_empty() {
-                return Err(invalid("redis_mirror: columns must name at least one column (NULL means all)"));
+                return Err(invalid(
+                    "redis_mirror: columns must name at least one column (NULL means all)",
+                ));
             }
             Some(out)
         }
@@ -141,7 +176,10 @@ fn mirror(
     }
     let creator = unsafe { pg_sys::GetUserId() };
     let rekey = previous.as_ref().is_some_and(|p| {
-        p.key_template != template || p.key_prefix != key_prefix || p.format != format || p.columns != columns
+        p.key_template != template
+            || p.key_prefix != key_prefix
+            || p.format != format
+            || p.columns != columns
     });
     let id: i32 = as_role(ext_owner(), false, || {
         Spi::get_one_with_args::<i32>(
@@ -174,14 +212,25 @@ fn mirror(
     if let Some(p) = &previous {
         if rekey {
             // The old layout's keys go first; the rows are then written anew by the backfill.
-            capture::enqueue(&m, vec![capture::Change { op: "t", key: p.key_pattern.clone(), payload: None }])?;
+            capture::enqueue(
+                &m,
+                vec![capture::Change {
+                    op: "t",
+                    key: p.key_pattern.clone(),
+                    payload: None,
+                }],
+            )?;
         }
     }
     create_triggers(tbl)?;
     if !crate::delivery::preloaded() {
         notice!("pg_redis: no background worker runs (pg_redis is not in shared_preload_libraries): changes to {} wait in the queue until you call redis_drain()", t.name);
     }
-    let scheduled = if backfill.unwrap_or(true) || rekey { backfill::schedule(&m)? } else { 0 };
+    let scheduled = if backfill.unwrap_or(true) || rekey {
+        backfill::schedule(&m)?
+    } else {
+        0
+    };
     crate::delivery::wake_at_commit();
     Ok(scheduled)
 }
@@ -235,10 +284,14 @@ fn drop_triggers(tbl: pg_sys::Oid) -> Result<()> {
 
 fn owned_mirror(tbl: pg_sys::Oid, what: &str) -> Result<catalog::Mirror> {
     let t = validate::table(tbl).map_err(|e| match e {
-        Error::WrongObject(_) => invalid(format!("{what}: {} is not mirrored", catalog::relation_name(tbl))),
+        Error::WrongObject(_) => invalid(format!(
+            "{what}: {} is not mirrored",
+            catalog::relation_name(tbl)
+        )),
         other => other,
     })?;
-    catalog::by_table(tbl)?.ok_or_else(|| invalid(format!("{what}: table {} is not mirrored", t.name)))
+    catalog::by_table(tbl)?
+        .ok_or_else(|| invalid(format!("{what}: table {} is not mirrored", t.name)))
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -248,11 +301,22 @@ fn redis_unmirror(tbl: PgRelation, purge: default!(Option<bool>, "false")) -> bo
         let m = owned_mirror(tbl, "redis_unmirror")?;
         drop_triggers(tbl)?;
         if purge.unwrap_or(false) {
-            capture::enqueue(&m, vec![capture::Change { op: "t", key: m.key_pattern.clone(), payload: None }])?;
+            capture::enqueue(
+                &m,
+                vec![capture::Change {
+                    op: "t",
+                    key: m.key_pattern.clone(),
+                    payload: None,
+                }],
+            )?;
             crate::delivery::wake_at_commit();
         }
         as_role(ext_owner(), false, || {
-            Spi::run_with_args("DELETE FROM redis_internal.mirrors WHERE id = $1", &[m.id.into()]).map_err(spi_err)
+            Spi::run_with_args(
+                "DELETE FROM redis_internal.mirrors WHERE id = $1",
+                &[m.id.into()],
+            )
+            .map_err(spi_err)
         })?;
         Ok(true)
     })()
@@ -264,6 +328,14 @@ fn redis_resync(tbl: PgRelation) -> i64 {
     let tbl = tbl.oid();
     (|| -> Result<i64> {
         let m = owned_mirror(tbl, "redis_resync")?;
+        // A resync restarts capture of a mirror that overflowed the queue.
+        as_role(ext_owner(), false, || {
+            Spi::run_with_args(
+                "UPDATE redis_internal.mirrors SET state = 'active' WHERE id = $1",
+                &[m.id.into()],
+            )
+            .map_err(spi_err)
+        })?;
         let n = backfill::schedule(&m)?;
         crate::delivery::wake_at_commit();
         Ok(n)
@@ -273,7 +345,17 @@ fn redis_resync(tbl: PgRelation) -> i64 {
 
 /// One backfill step for `CALL redis_backfill(tbl)` (which commits between steps).
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_backfill_step(tbl: PgRelation) -> TableIterator<'static, (name!(queued, i64), name!(done, bool), name!(rows_done, i64), name!(rows_total, i64))> {
+fn redis_backfill_step(
+    tbl: PgRelation,
+) -> TableIterator<
+    'static,
+    (
+        name!(queued, i64),
+        name!(done, bool),
+        name!(rows_done, i64),
+        name!(rows_total, i64),
+    ),
+> {
     let tbl = tbl.oid();
     let r = (|| -> Result<(i64, bool, i64, i64)> {
         let m = owned_mirror(tbl, "redis_backfill")?;
@@ -295,7 +377,10 @@ fn redis_backfill_step(tbl: PgRelation) -> TableIterator<'static, (name!(queued,
 fn redis_drain(max_changes: default!(Option<i32>, "NULL")) -> i64 {
     if let Some(m) = max_changes {
         if m < 0 {
-            invalid(format!("redis_drain: max_changes must not be negative (got {m})")).raise();
+            invalid(format!(
+                "redis_drain: max_changes must not be negative (got {m})"
+            ))
+            .raise();
         }
     }
     let mut left = max_changes.map(|m| m as usize).unwrap_or(usize::MAX);
@@ -339,9 +424,14 @@ fn redis_retry(tbl: default!(Option<PgRelation>, "NULL")) -> i64 {
 
 /// Worker state for the views: (pid, state).
 #[pg_extern(stable, parallel_safe)]
-fn redis_worker_info() -> TableIterator<'static, (name!(worker_pid, Option<i32>), name!(worker_state, String))> {
+fn redis_worker_info(
+) -> TableIterator<'static, (name!(worker_pid, Option<i32>), name!(worker_state, String))> {
     let r = if !crate::delivery::preloaded() {
-        (None, "not running: pg_redis is not in shared_preload_libraries (use redis_drain())".to_string())
+        (
+            None,
+            "not running: pg_redis is not in shared_preload_libraries (use redis_drain())"
+                .to_string(),
+        )
     } else {
         match crate::delivery::worker_pid() {
             Some(pid) => (Some(pid), "running".to_string()),
@@ -349,4 +439,41 @@ fn redis_worker_info() -> TableIterator<'static, (name!(worker_pid, Option<i32>)
         }
     };
     TableIterator::once(r)
+}
+
+/// Wake the worker at commit (called by the extension's own event triggers).
+#[pg_extern(schema = "redis_internal", volatile, parallel_unsafe)]
+fn wake_worker() {
+    crate::delivery::wake_at_commit();
+}
+
+/// After ALTER TABLE on a mirrored table: refuse the change if the mirror's key template,
+/// column list or filter no longer fit the table, instead of mirroring wrong data later.
+#[pg_extern(schema = "redis_internal", volatile, parallel_unsafe)]
+fn revalidate(tbl: pg_sys::Oid) {
+    (|| -> Result<()> {
+        let Some(m) = catalog::by_table(tbl)? else { return Ok(()) };
+        let t = validate::table(tbl)?;
+        let broken = |why: String| {
+            invalid(format!(
+                "this change to table {} would break its mirror: {why}; call redis_unmirror('{}') first, or redis_mirror() again with settings that fit",
+                t.name, t.name
+            ))
+        };
+        let parts = m.parts()?;
+        let keys = validate::unique_keys(tbl)?;
+        validate::template(&t, &parts, &keys, &m.key_template)
+            .map_err(|e| broken(e.to_string().trim_start_matches("pg_redis: redis_mirror: ").to_string()))?;
+        if let Some(cols) = &m.columns {
+            if let Some(c) = cols.iter().find(|c| !t.columns.contains(c)) {
+                return Err(broken(format!("column \"{c}\" of its column list no longer exists")));
+            }
+        }
+        if let Some(f) = &m.filter {
+            validate::filter(tbl, &t.name, f)
+                .map_err(|e| broken(e.to_string().trim_start_matches("pg_redis: redis_mirror: ").to_string()))?;
+        }
+        Ok(())
+    })()
+    .or_raise()
 }

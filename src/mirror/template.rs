@@ -65,7 +65,9 @@ pub fn parse(template: &str) -> Result<Vec<Part>> {
         }
     }
     if !parts.iter().any(|p| matches!(p, Part::Col(_))) {
-        return Err(invalid(format!("key template \"{template}\" names no column")));
+        return Err(invalid(format!(
+            "key template \"{template}\" names no column"
+        )));
     }
     Ok(parts)
 }
@@ -142,7 +144,13 @@ mod tests {
         assert!(parse("u:{id").is_err());
         assert!(parse("u:id}").is_err());
         assert!(parse("u:").is_err());
-        assert_eq!(scan_pattern("p:", &parse("a*:{x}:{y}").unwrap()), "p:a\\*:*:*");
-        assert_eq!(key_sql("", &parse("u:{id}").unwrap()), "'' || 'u:' || (r.\"id\")::text");
+        assert_eq!(
+            scan_pattern("p:", &parse("a*:{x}:{y}").unwrap()),
+            "p:a\\*:*:*"
+        );
+        assert_eq!(
+            key_sql("", &parse("u:{id}").unwrap()),
+            "'' || 'u:' || (r.\"id\")::text"
+        );
     }
 }

@@ -32,7 +32,10 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
                 &[relid.into()],
             )
             .map_err(spi_err)?;
-        let r = rows.into_iter().next().ok_or_else(|| invalid("the table does not exist"))?;
+        let r = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("the table does not exist"))?;
         Ok::<_, Error>((
             r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
             r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
@@ -51,9 +54,7 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
     };
     match kind.as_str() {
         "r" => {}
-        "p" => {
-            return wrong("a partitioned table (not supported yet: mirror each partition)")
-        }
+        "p" => return wrong("a partitioned table (not supported yet: mirror each partition)"),
         "v" => return wrong("a view"),
         "m" => return wrong("a materialized view"),
         "f" => return wrong("a foreign table"),
@@ -63,7 +64,9 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
         return wrong("a temporary table");
     }
     if !owner {
-        return Err(Error::Privilege(format!("redis_mirror: must be owner of table {name}")));
+        return Err(Error::Privilege(format!(
+            "redis_mirror: must be owner of table {name}"
+        )));
     }
     if rls {
         return Err(Error::Privilege(format!(
@@ -78,9 +81,16 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
                 &[relid.into()],
             )
             .map_err(spi_err)?;
-        rows.into_iter().map(|r| Ok(r.get::<String>(1).map_err(spi_err)?.unwrap_or_default())).collect::<Result<Vec<_>>>()
+        rows.into_iter()
+            .map(|r| Ok(r.get::<String>(1).map_err(spi_err)?.unwrap_or_default()))
+            .collect::<Result<Vec<_>>>()
     })?;
-    Ok(TableInfo { name, is_public, relname, columns })
+    Ok(TableInfo {
+        name,
+        is_public,
+        relname,
+        columns,
+    })
 }
 
 /// The unique keys usable for a template: the primary key and every unique, non-partial index
@@ -102,7 +112,11 @@ pub fn unique_keys(relid: pg_sys::Oid) -> Result<Vec<Vec<String>>> {
             )
             .map_err(spi_err)?;
         rows.into_iter()
-            .map(|r| Ok(r.get::<Vec<String>>(1).map_err(spi_err)?.unwrap_or_default()))
+            .map(|r| {
+                Ok(r.get::<Vec<String>>(1)
+                    .map_err(spi_err)?
+                    .unwrap_or_default())
+            })
             .collect()
     })
 }
@@ -117,7 +131,10 @@ pub fn template(t: &TableInfo, parts: &[Part], keys: &[Vec<String>], template: &
             )));
         }
     }
-    if !keys.iter().any(|k| k.iter().all(|kc| cols.contains(&kc.as_str()))) {
+    if !keys
+        .iter()
+        .any(|k| k.iter().all(|kc| cols.contains(&kc.as_str())))
+    {
         return Err(invalid(format!(
             "redis_mirror: key template \"{template}\" must contain every column of the primary key or of a unique index on NOT NULL columns of {}{}",
             t.name,
@@ -130,13 +147,20 @@ pub fn template(t: &TableInfo, parts: &[Part], keys: &[Vec<String>], template: &
 /// A filter must be exactly one expression: parsed as `SELECT (<filter>)` it must give one
 /// statement with one target and no other clause, so nothing can be smuggled around it.
 pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
-    let bad = |why: &str| Err(invalid(format!("redis_mirror: filter \"{filter}\" on {table}: {why}")));
+    let bad = |why: &str| {
+        Err(invalid(format!(
+            "redis_mirror: filter \"{filter}\" on {table}: {why}"
+        )))
+    };
     if filter.trim().is_empty() {
         return bad("is empty");
     }
     let sql = CString::new(format!("SELECT ({filter})"))
         .map_err(|_| invalid("redis_mirror: filter contains a NUL byte"))?;
-    let probe = format!("SELECT ({filter}) FROM ONLY {} r LIMIT 0", super::backfill::qualified(relid)?);
+    let probe = format!(
+        "SELECT ({filter}) FROM ONLY {} r LIMIT 0",
+        super::backfill::qualified(relid)?
+    );
     let verdict = in_subtransaction(|| unsafe {
         let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         if list.is_null() || (*list).length != 1 {
@@ -171,7 +195,10 @@ pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
             );
         }
         // Planned against the table, never run: unknown columns and wrong types show here.
-        let typ = Spi::connect(|c| c.select(&probe, Some(0), &[]).and_then(|t| t.column_type_oid(1)));
+        let typ = Spi::connect(|c| {
+            c.select(&probe, Some(0), &[])
+                .and_then(|t| t.column_type_oid(1))
+        });
         match typ {
             Ok(t) if t.value() == pg_sys::BOOLOID => None,
             Ok(_) => Some("is not a boolean expression".to_string()),
@@ -186,7 +213,9 @@ pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
 
 /// Run `f` in a subtransaction; an ERROR inside is caught, rolled back, and returned as its
 /// message (the way PL/pgSQL's EXCEPTION blocks do it).
-pub fn in_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> std::result::Result<R, String> {
+pub fn in_subtransaction<R>(
+    f: impl FnOnce() -> R + std::panic::UnwindSafe,
+) -> std::result::Result<R, String> {
     unsafe {
         let mcx = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;

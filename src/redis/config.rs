@@ -46,13 +46,19 @@ pub fn current() -> Result<Target> {
         let redis_settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(redis_settings);
     }
-    Ok(Target { info, display_addr, fingerprint })
+    Ok(Target {
+        info,
+        display_addr,
+        fingerprint,
+    })
 }
 
 fn read_password_file(path: &str) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| {
-        invalid(format!("could not read pg_redis.password_file \"{path}\": {e}"))
+        invalid(format!(
+            "could not read pg_redis.password_file \"{path}\": {e}"
+        ))
     })?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(invalid(format!(
@@ -60,7 +66,9 @@ fn read_password_file(path: &str) -> Result<String> {
         )));
     }
     let text = std::fs::read_to_string(path).map_err(|e| {
-        invalid(format!("could not read pg_redis.password_file \"{path}\": {e}"))
+        invalid(format!(
+            "could not read pg_redis.password_file \"{path}\": {e}"
+        ))
     })?;
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }

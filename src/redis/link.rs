@@ -27,7 +27,10 @@ pub struct Call<'a> {
 
 impl<'a> Call<'a> {
     pub fn new(what: &'a str) -> Self {
-        Call { what, extra: Some(Duration::ZERO) }
+        Call {
+            what,
+            extra: Some(Duration::ZERO),
+        }
     }
 }
 
@@ -74,22 +77,61 @@ pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
 }
 
 fn run(c: &Call, packed: Vec<u8>, count: usize) -> Result<Vec<Value>> {
+    // A kept connection may have been closed by the server since the last call (Redis
+    // restarted, CLIENT KILL, idle timeout): then reconnect and send once more. The command
+    // cannot have run twice, since the server that closed the connection did not answer it.
+    match run_once(c, packed.clone(), count) {
+        Err(Attempt::Stale(_)) => run_once(c, packed, count).map_err(Attempt::into_error),
+        other => other.map_err(Attempt::into_error),
+    }
+}
+
+enum Attempt {
+    /// The kept connection turned out to be closed before it answered.
+    Stale(Error),
+    Failed(Error),
+}
+
+impl Attempt {
+    fn into_error(self) -> Error {
+        match self {
+            Attempt::Stale(e) | Attempt::Failed(e) => e,
+        }
+    }
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+fn run_once(c: &Call, packed: Vec<u8>, count: usize) -> std::result::Result<Vec<Value>, Attempt> {
     let target = config::current()?;
     let command_timeout = crate::settings::command_timeout();
     let connect_timeout = crate::settings::connect_timeout();
     let timeout = c.extra.map(|e| command_timeout + e);
     LINK.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_some_and(|l| l.fingerprint != target.fingerprint) {
+        if slot
+            .as_ref()
+            .is_some_and(|l| l.fingerprint != target.fingerprint)
+        {
             *slot = None; // settings changed within the session: reconnect at this call
         }
         if slot.is_none() {
             *slot = Some(spawn(&target)?);
         }
-        let link = slot.as_mut().ok_or_else(|| Error::Internal("no link".into()))?;
+        let link = slot
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no link".into()))?;
         let connecting = link.client.is_none();
         link.jobs
-            .send(Job { packed, count, timeout })
+            .send(Job {
+                packed,
+                count,
+                timeout,
+            })
             .map_err(|_| Error::Internal("Redis helper thread is gone".into()))?;
         let budget = timeout.map(|t| if connecting { t + connect_timeout } else { t });
         let outcome = wait(link, budget);
@@ -102,17 +144,28 @@ fn run(c: &Call, packed: Vec<u8>, count: usize) -> Result<Vec<Value>> {
                     Ok(values) => Ok(values),
                     Err(e) => {
                         let addr = link.display_addr.clone();
-                        abandon(&mut slot);
-                        Err(classify(c.what, &addr, connecting, e))
+                        // The old client is gone with the server's close: nothing to kill.
+                        let stale = !connecting && e.is_connection_dropped() && !e.is_timeout();
+                        if stale {
+                            slot.take();
+                        } else {
+                            abandon(&mut slot);
+                        }
+                        let err = classify(c.what, &addr, connecting, e);
+                        Err(if stale {
+                            Attempt::Stale(err)
+                        } else {
+                            Attempt::Failed(err)
+                        })
                     }
                 }
             }
             Waited::TimedOut => {
                 abandon(&mut slot);
-                Err(Error::Timeout {
+                Err(Attempt::Failed(Error::Timeout {
                     what: c.what.to_string(),
                     ms: budget.map(|b| b.as_millis()).unwrap_or(0),
-                })
+                }))
             }
         }
     })
@@ -159,7 +212,11 @@ fn wait(link: &mut Link, budget: Option<Duration>) -> Waited {
                 (pg_sys::WL_LATCH_SET
                     | pg_sys::WL_SOCKET_READABLE
                     | pg_sys::WL_EXIT_ON_PM_DEATH
-                    | if remaining_ms >= 0 { pg_sys::WL_TIMEOUT } else { 0 }) as i32,
+                    | if remaining_ms >= 0 {
+                        pg_sys::WL_TIMEOUT
+                    } else {
+                        0
+                    }) as i32,
                 link.wake.as_raw_fd(),
                 remaining_ms,
                 pg_sys::PG_WAIT_EXTENSION,
@@ -204,33 +261,45 @@ fn abandon(slot: &mut Option<Link>) {
     }
 }
 
-/// Drop the current link (e.g. after Redis answered something that leaves it in doubt).
-pub fn reset() {
-    LINK.with(|cell| abandon(&mut cell.borrow_mut()));
-}
-
 fn classify(what: &str, addr: &str, connecting: bool, e: redis::RedisError) -> Error {
     let cause = crate::error::redact(&e.to_string());
     if e.is_timeout() {
-        return Error::Timeout { what: what.to_string(), ms: crate::settings::command_timeout().as_millis() };
+        return Error::Timeout {
+            what: what.to_string(),
+            ms: crate::settings::command_timeout().as_millis(),
+        };
     }
     if let Some(code) = e.code() {
         // AUTH/SELECT refused during the handshake, e.g. WRONGPASS or NOPERM.
-        return Error::Reply { what: what.to_string(), reply: format!("{code} {}", e.detail().unwrap_or("")) };
+        return Error::Reply {
+            what: what.to_string(),
+            reply: format!("{code} {}", e.detail().unwrap_or("")),
+        };
     }
     if connecting || e.is_connection_refusal() {
-        Error::Connect { what: what.to_string(), addr: addr.to_string(), cause }
+        Error::Connect {
+            what: what.to_string(),
+            addr: addr.to_string(),
+            cause,
+        }
     } else {
-        Error::ConnectionLost { what: what.to_string(), cause }
+        Error::ConnectionLost {
+            what: what.to_string(),
+            cause,
+        }
     }
 }
 
 fn spawn(target: &Target) -> Result<Link> {
     let mut fds = [0i32; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(Error::Internal(format!("pipe2: {}", std::io::Error::last_os_error())));
+        return Err(Error::Internal(format!(
+            "pipe2: {}",
+            std::io::Error::last_os_error()
+        )));
     }
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let (ans_tx, ans_rx) = mpsc::channel();
     let info = target.info.clone();
@@ -244,9 +313,9 @@ fn spawn(target: &Target) -> Result<Link> {
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let r = std::thread::Builder::new().name("pg_redis-io".into()).spawn(move || {
-            helper(info, connect_timeout, to_kill, job_rx, ans_tx, write_end)
-        });
+        let r = std::thread::Builder::new()
+            .name("pg_redis-io".into())
+            .spawn(move || helper(info, connect_timeout, to_kill, job_rx, ans_tx, write_end));
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         r
     };
@@ -327,15 +396,25 @@ fn connect(
     if let Some((id, addr)) = to_kill {
         // Best effort: the ACL user may lack CLIENT, or the old client may be gone already.
         let _: std::result::Result<Value, _> = redis::cmd("CLIENT")
-            .arg("KILL").arg("ID").arg(id).arg("ADDR").arg(&addr).arg("SKIPME").arg("yes")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .arg("ADDR")
+            .arg(&addr)
+            .arg("SKIPME")
+            .arg("yes")
             .query(&mut con);
     }
     let name = format!("pg_redis:{}", std::process::id());
-    let _: std::result::Result<Value, _> =
-        redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut con);
+    let _: std::result::Result<Value, _> = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(&name)
+        .query(&mut con);
     let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut con).unwrap_or(-1);
-    let info_line: String =
-        redis::cmd("CLIENT").arg("INFO").query(&mut con).unwrap_or_default();
+    let info_line: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query(&mut con)
+        .unwrap_or_default();
     let addr = info_line
         .split_whitespace()
         .find_map(|f| f.strip_prefix("addr="))

@@ -23,7 +23,10 @@ pub fn error_text(v: &Value) -> Option<String> {
 /// Fail with the Redis error reply, if this is one.
 pub fn check(what: &str, v: Value) -> Result<Value> {
     match error_text(&v) {
-        Some(reply) => Err(Error::Reply { what: what.to_string(), reply }),
+        Some(reply) => Err(Error::Reply {
+            what: what.to_string(),
+            reply,
+        }),
         None => Ok(v),
     }
 }
@@ -31,7 +34,9 @@ pub fn check(what: &str, v: Value) -> Result<Value> {
 pub fn too_large(what: &str, len: usize) -> Error {
     Error::BadReply {
         what: what.to_string(),
-        why: format!("the reply of {len} bytes is larger than PostgreSQL can hold in one value (1 GB)"),
+        why: format!(
+            "the reply of {len} bytes is larger than PostgreSQL can hold in one value (1 GB)"
+        ),
         code: PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
     }
 }
@@ -110,7 +115,10 @@ pub fn to_json(what: &str, v: Value) -> Result<Json> {
         Value::SimpleString(s) => Json::String(s),
         Value::Okay => Json::String("OK".into()),
         Value::Array(items) | Value::Set(items) => Json::Array(
-            items.into_iter().map(|i| to_json(what, i)).collect::<Result<Vec<_>>>()?,
+            items
+                .into_iter()
+                .map(|i| to_json(what, i))
+                .collect::<Result<Vec<_>>>()?,
         ),
         Value::Map(pairs) => {
             let mut obj = serde_json::Map::new();
@@ -131,9 +139,15 @@ pub fn to_json(what: &str, v: Value) -> Result<Json> {
         Value::VerbatimString { text, .. } => Json::String(text),
         Value::BigNumber(n) => Json::String(String::from_utf8_lossy(&n).into_owned()),
         Value::Push { data, .. } => Json::Array(
-            data.into_iter().map(|i| to_json(what, i)).collect::<Result<Vec<_>>>()?,
+            data.into_iter()
+                .map(|i| to_json(what, i))
+                .collect::<Result<Vec<_>>>()?,
         ),
-        Value::ServerError(_) => return Err(check(what, v).err().unwrap_or_else(|| Error::Internal("error reply".into()))),
+        Value::ServerError(_) => {
+            return Err(check(what, v)
+                .err()
+                .unwrap_or_else(|| Error::Internal("error reply".into())))
+        }
         other => return Err(unexpected(what, &other)),
     })
 }
