@@ -30,8 +30,8 @@ extension_sql_file!(
         mirror::redis_worker_info,
         mirror::redis_backfill_step,
         mirror::redis_drain,
-        mirror::wake_worker,
-        mirror::revalidate
+        mirror::redis_internal::wake_worker,
+        mirror::redis_internal::revalidate
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);

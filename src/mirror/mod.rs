@@ -441,39 +441,45 @@ fn redis_worker_info(
     TableIterator::once(r)
 }
 
-/// Wake the worker at commit (called by the extension's own event triggers).
-#[pg_extern(schema = "redis_internal", volatile, parallel_unsafe)]
-fn wake_worker() {
-    crate::delivery::wake_at_commit();
-}
+/// Functions only the extension's own event triggers call; they live in the internal schema.
+#[pg_schema]
+pub mod redis_internal {
+    use super::*;
 
-/// After ALTER TABLE on a mirrored table: refuse the change if the mirror's key template,
-/// column list or filter no longer fit the table, instead of mirroring wrong data later.
-#[pg_extern(schema = "redis_internal", volatile, parallel_unsafe)]
-fn revalidate(tbl: pg_sys::Oid) {
-    (|| -> Result<()> {
-        let Some(m) = catalog::by_table(tbl)? else { return Ok(()) };
-        let t = validate::table(tbl)?;
-        let broken = |why: String| {
-            invalid(format!(
-                "this change to table {} would break its mirror: {why}; call redis_unmirror('{}') first, or redis_mirror() again with settings that fit",
-                t.name, t.name
-            ))
-        };
-        let parts = m.parts()?;
-        let keys = validate::unique_keys(tbl)?;
-        validate::template(&t, &parts, &keys, &m.key_template)
-            .map_err(|e| broken(e.to_string().trim_start_matches("pg_redis: redis_mirror: ").to_string()))?;
-        if let Some(cols) = &m.columns {
-            if let Some(c) = cols.iter().find(|c| !t.columns.contains(c)) {
-                return Err(broken(format!("column \"{c}\" of its column list no longer exists")));
-            }
-        }
-        if let Some(f) = &m.filter {
-            validate::filter(tbl, &t.name, f)
+    /// Wake the worker at commit (called by the extension's own event triggers).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn wake_worker() {
+        crate::delivery::wake_at_commit();
+    }
+
+    /// After ALTER TABLE on a mirrored table: refuse the change if the mirror's key template,
+    /// column list or filter no longer fit the table, instead of mirroring wrong data later.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn revalidate(tbl: pg_sys::Oid) {
+        (|| -> Result<()> {
+            let Some(m) = catalog::by_table(tbl)? else { return Ok(()) };
+            let t = validate::table(tbl)?;
+            let broken = |why: String| {
+                invalid(format!(
+                    "this change to table {} would break its mirror: {why}; call redis_unmirror('{}') first, or redis_mirror() again with settings that fit",
+                    t.name, t.name
+                ))
+            };
+            let parts = m.parts()?;
+            let keys = validate::unique_keys(tbl)?;
+            validate::template(&t, &parts, &keys, &m.key_template)
                 .map_err(|e| broken(e.to_string().trim_start_matches("pg_redis: redis_mirror: ").to_string()))?;
-        }
-        Ok(())
-    })()
-    .or_raise()
+            if let Some(cols) = &m.columns {
+                if let Some(c) = cols.iter().find(|c| !t.columns.contains(c)) {
+                    return Err(broken(format!("column \"{c}\" of its column list no longer exists")));
+                }
+            }
+            if let Some(f) = &m.filter {
+                validate::filter(tbl, &t.name, f)
+                    .map_err(|e| broken(e.to_string().trim_start_matches("pg_redis: redis_mirror: ").to_string()))?;
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
 }
