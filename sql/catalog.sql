@@ -60,8 +60,6 @@ CREATE TABLE redis_internal.mirror_stats (
     last_lag       interval,
     last_error     text,
     last_error_at  timestamptz,
-    hits           bigint NOT NULL DEFAULT 0,
-    misses         bigint NOT NULL DEFAULT 0,
     redis_rows     bigint,
     table_rows     bigint
 );

@@ -12,8 +12,9 @@ BEGIN
   END LOOP;
 END $$;
 
--- The views are for monitoring: pg_monitor members may read them; redis_worker_info() is what
--- redis_stats calls, harmless to anyone.
+-- The views are for monitoring: pg_monitor members may read them; redis_worker_info() and
+-- redis_read_through_counts() are what redis_stats calls, harmless to anyone.
 GRANT EXECUTE ON FUNCTION redis_worker_info() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION redis_read_through_counts() TO PUBLIC;
 REVOKE ALL ON redis_mirrors, redis_stats, redis_dead_letters FROM PUBLIC;
 GRANT SELECT ON redis_mirrors, redis_stats, redis_dead_letters TO pg_monitor;

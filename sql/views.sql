@@ -17,10 +17,10 @@ SELECT m.tbl AS mirror,
        s.last_lag,
        s.last_error,
        s.last_error_at,
-       coalesce(s.hits, 0) AS hits,
-       coalesce(s.misses, 0) AS misses,
-       CASE WHEN coalesce(s.hits, 0) + coalesce(s.misses, 0) > 0
-            THEN s.hits::float8 / (s.hits + s.misses) END AS hit_ratio,
+       coalesce(rt.hits, 0) AS hits,
+       coalesce(rt.misses, 0) AS misses,
+       CASE WHEN coalesce(rt.hits, 0) + coalesce(rt.misses, 0) > 0
+            THEN rt.hits::float8 / (rt.hits + rt.misses) END AS hit_ratio,
        w.worker_pid,
        w.worker_state,
        m.state,
@@ -36,6 +36,7 @@ SELECT m.tbl AS mirror,
   LEFT JOIN LATERAL (SELECT count(*) AS n FROM redis_internal.dead_letters dl
                       WHERE dl.mirror_id = m.id) d ON true
   LEFT JOIN redis_internal.backfills b ON b.mirror_id = m.id
+  LEFT JOIN redis_read_through_counts() rt ON rt.mirror_id = m.id
   CROSS JOIN redis_worker_info() w;
 
 CREATE VIEW redis_dead_letters AS

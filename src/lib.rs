@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 mod command;
 mod delivery;
 mod error;
+mod fetch;
 mod kv;
 mod mirror;
 mod redis;
 mod settings;
+mod spi_read;
+mod stats;
 
 ::pgrx::pg_module_magic!();
 
@@ -28,6 +31,7 @@ extension_sql_file!(
     requires = [
         "catalog",
         mirror::redis_worker_info,
+        mirror::redis_read_through_counts,
         mirror::redis_backfill_step,
         mirror::redis_drain,
         mirror::redis_internal::wake_worker,

@@ -55,7 +55,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
             .map_err(spi_err)?;
         true
     } else {
-        Spi::get_one_with_args::<bool>(
+        crate::spi_read::one::<bool>(
             "SELECT pg_try_advisory_xact_lock($1)",
             &[DELIVERY_LOCK.into()],
         )

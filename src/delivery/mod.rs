@@ -31,6 +31,7 @@ pub fn preloaded() -> bool {
 pub fn init_preloaded() {
     unsafe { PRELOADED = true };
     pgrx::pg_shmem_init!(SLOTS);
+    crate::stats::init_preloaded();
     worker::register_workers();
 }
 

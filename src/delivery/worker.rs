@@ -91,8 +91,9 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
 }
 
 fn step() -> Step {
-    let installed = Spi::get_one::<bool>(
+    let installed = crate::spi_read::one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
+        &[],
     )
     .ok()
     .flatten()

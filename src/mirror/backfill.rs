@@ -48,6 +48,18 @@ pub fn schedule(m: &Mirror) -> Result<i64> {
 
 /// One step of some pending backfill; false when none is pending.
 pub fn step_any() -> Result<bool> {
+    // Checked read-only first, so that an idle worker does not take a transaction id each loop.
+    let pending = as_role(ext_owner(), false, || {
+        crate::spi_read::one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM redis_internal.backfills)",
+            &[],
+        )
+    })
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    if !pending {
+        return Ok(false);
+    }
     let next = as_role(ext_owner(), false, || {
         match Spi::get_one::<i32>(
             "SELECT mirror_id FROM redis_internal.backfills ORDER BY mirror_id LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -149,7 +161,7 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
 }
 
 pub fn qualified(relid: pg_sys::Oid) -> Result<String> {
-    let (nsp, rel) = Spi::get_two_with_args::<String, String>(
+    let (nsp, rel) = crate::spi_read::two::<String, String>(
         "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
         &[relid.into()],
     )

@@ -15,6 +15,7 @@ pub struct Mirror {
     pub key_prefix: String,
     pub format: String,
     pub columns: Option<Vec<String>>,
+    pub ttl_seconds: Option<i32>,
     pub action: String,
     pub filter: Option<String>,
     pub state: String,
@@ -22,7 +23,7 @@ pub struct Mirror {
 }
 
 const COLS: &str =
-    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern";
+    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -40,6 +41,7 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
         filter: row.get::<String>(8).map_err(e)?,
         state: row.get::<String>(9).map_err(e)?.unwrap_or_default(),
         key_pattern: row.get::<String>(10).map_err(e)?.unwrap_or_default(),
+        ttl_seconds: row.get::<i32>(11).map_err(e)?,
     })
 }
 
@@ -134,14 +136,14 @@ impl Mirror {
 }
 
 pub fn relation_name(relid: pg_sys::Oid) -> String {
-    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()])
+    crate::spi_read::one::<String>("SELECT $1::regclass::text", &[relid.into()])
         .ok()
         .flatten()
         .unwrap_or_else(|| format!("oid {}", relid.to_u32()))
 }
 
 pub fn table_owner(relid: pg_sys::Oid) -> Result<pg_sys::Oid> {
-    Spi::get_one_with_args::<pg_sys::Oid>(
+    crate::spi_read::one::<pg_sys::Oid>(
         "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1",
         &[relid.into()],
     )

@@ -3,7 +3,6 @@
 //! PostgreSQL restores the user id and settings itself when an ERROR aborts the (sub)transaction.
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use std::cell::Cell;
 use std::ffi::CString;
 
@@ -16,8 +15,9 @@ pub fn ext_owner() -> pg_sys::Oid {
     if let Some(o) = EXT_OWNER.with(|c| c.get()) {
         return o;
     }
-    let o = Spi::get_one::<pg_sys::Oid>(
+    let o = crate::spi_read::one::<pg_sys::Oid>(
         "SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'redis_internal'",
+        &[],
     )
     .ok()
     .flatten()

@@ -318,6 +318,7 @@ fn redis_unmirror(tbl: PgRelation, purge: default!(Option<bool>, "false")) -> bo
             )
             .map_err(spi_err)
         })?;
+        crate::stats::forget(m.id);
         Ok(true)
     })()
     .or_raise()
@@ -420,6 +421,19 @@ fn redis_retry(tbl: default!(Option<PgRelation>, "NULL")) -> i64 {
         Ok(n.unwrap_or(0))
     })()
     .or_raise()
+}
+
+/// Read-through counters of this database's mirrors, for `redis_stats` (shared memory).
+#[pg_extern(volatile, parallel_safe)]
+fn redis_read_through_counts(
+) -> TableIterator<'static, (name!(mirror_id, i32), name!(hits, i64), name!(misses, i64))> {
+    let ids: Vec<i32> = catalog::all()
+        .map(|v| v.into_iter().map(|m| m.id).collect())
+        .unwrap_or_default();
+    TableIterator::new(ids.into_iter().map(|id| {
+        let (h, m) = crate::stats::get(id);
+        (id, h, m)
+    }))
 }
 
 /// Worker state for the views: (pid, state).
