@@ -16,6 +16,7 @@ mod redis;
 mod settings;
 mod spi_read;
 mod stats;
+mod verify;
 
 ::pgrx::pg_module_magic!();
 

@@ -154,3 +154,54 @@ mod tests {
         );
     }
 }
+
+/// The placeholder values of a key of this layout, or None when the key does not fit it. A
+/// placeholder followed by a literal ends at that literal's first occurrence; the last one takes
+/// the rest of the key.
+pub fn invert(key_prefix: &str, parts: &[Part], key: &str) -> Option<Vec<String>> {
+    let mut rest = key.strip_prefix(key_prefix)?;
+    let mut values = vec![];
+    let mut i = 0;
+    while i < parts.len() {
+        match &parts[i] {
+            Part::Lit(l) => rest = rest.strip_prefix(l.as_str())?,
+            Part::Col(_) => match parts.get(i + 1) {
+                Some(Part::Lit(next)) => {
+                    let end = rest.find(next.as_str())?;
+                    values.push(rest[..end].to_string());
+                    rest = &rest[end..];
+                }
+                Some(Part::Col(_)) => return None, // adjacent placeholders: ambiguous
+                None => {
+                    values.push(rest.to_string());
+                    rest = "";
+                }
+            },
+        }
+        i += 1;
+    }
+    if rest.is_empty() {
+        Some(values)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod invert_tests {
+    use super::*;
+    #[test]
+    fn inverts_keys() {
+        let p = parse("u:{a}:x:{b}").unwrap();
+        assert_eq!(
+            invert("p:", &p, "p:u:1:x:2"),
+            Some(vec!["1".into(), "2".into()])
+        );
+        assert_eq!(invert("p:", &p, "u:1:x:2"), None);
+        assert_eq!(
+            invert("", &parse("u:{a}").unwrap(), "u:"),
+            Some(vec!["".into()])
+        );
+        assert_eq!(invert("", &parse("u:{a}:p").unwrap(), "u:1:q"), None);
+    }
+}
