@@ -24,9 +24,11 @@ CREATE TABLE redis_internal.mirrors (
 CREATE TABLE redis_internal.queue (
     id         bigserial PRIMARY KEY,
     mirror_id  int NOT NULL,
-    op         "char" NOT NULL,               -- 's' write the row, 'd' delete the key, 't' delete every key of the layout
+    op         "char" NOT NULL,               -- 's' write the row, 'd' delete the key, 't' delete every key of the layout, 'n' stream event only
     key        text NOT NULL,
-    payload    text,                          -- the row as JSON (op 's')
+    payload    text,                          -- the row as JSON (op 's'; and the event's data with a stream)
+    ev         "char",                        -- stream event: 'i' insert, 'u' update, 'd' delete, 't' truncate; NULL: none
+    old_key    text,                          -- the row's key before an update that changed it
     xid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
     queued_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     attempts   int NOT NULL DEFAULT 0,

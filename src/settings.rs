@@ -37,7 +37,7 @@ static COMMIT_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// Queue size (kB) past which a mirror stops capturing and is marked `needs_resync`.
 static MAX_QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024 * 1024);
-/// Approximate cap (`MAXLEN ~`) of change-event streams; read once streams exist.
+/// Approximate cap (`MAXLEN ~`) of change-event streams.
 static STREAM_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 /// Databases whose queues the background workers serve.
 static DATABASES: GucSetting<Option<CString>> =
@@ -239,6 +239,9 @@ pub fn max_attempts() -> i32 {
 }
 pub fn max_queue_size_bytes() -> i64 {
     MAX_QUEUE_SIZE_KB.get() as i64 * 1024
+}
+pub fn stream_maxlen() -> i64 {
+    STREAM_MAXLEN.get() as i64
 }
 pub fn databases() -> Vec<String> {
     string(&DATABASES)

@@ -187,27 +187,15 @@ fn check_rows(
         match found {
             None if m.action == "write" => {
                 tally.missing += 1;
-                fixes.push(Change {
-                    op: "s",
-                    key,
-                    payload: Some(payload),
-                });
+                fixes.push(Change::new("s", key, Some(payload)));
             }
             None => {}
             Some(found) if !same(m, &payload, &found) => {
                 tally.stale += 1;
                 fixes.push(if m.action == "write" {
-                    Change {
-                        op: "s",
-                        key,
-                        payload: Some(payload),
-                    }
+                    Change::new("s", key, Some(payload))
                 } else {
-                    Change {
-                        op: "d",
-                        key,
-                        payload: None,
-                    }
+                    Change::new("d", key, None)
                 });
             }
             Some(_) => {}
@@ -364,11 +352,7 @@ fn check_extra(
         for (key, has_row) in keys.into_iter().zip(present) {
             if !has_row {
                 tally.extra += 1;
-                fixes.push(Change {
-                    op: "d",
-                    key,
-                    payload: None,
-                });
+                fixes.push(Change::new("d", key, None));
             }
         }
         if repair && !fixes.is_empty() {

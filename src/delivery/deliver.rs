@@ -30,6 +30,11 @@ struct Queued {
     format: Option<String>,
     ttl: Option<i32>,
     age_ms: f64,
+    stream: Option<String>,
+    table: String,
+    ev: Option<String>,
+    old_key: Option<String>,
+    xid: String,
 }
 
 #[derive(Default, Debug)]
@@ -69,7 +74,8 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         let rows = c
             .select(
                 "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
-                        extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000 \
+                        extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
+                        m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text \
                    FROM redis_internal.queue q LEFT JOIN redis_internal.mirrors m ON m.id = q.mirror_id \
                   ORDER BY q.id LIMIT $1",
                 None,
@@ -88,6 +94,11 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                     format: r.get::<String>(7).map_err(spi_err)?,
                     ttl: r.get::<i32>(8).map_err(spi_err)?,
                     age_ms: r.get::<f64>(9).map_err(spi_err)?.unwrap_or_default(),
+                    stream: r.get::<String>(10).map_err(spi_err)?,
+                    table: r.get::<String>(11).map_err(spi_err)?.unwrap_or_default(),
+                    ev: r.get::<String>(12).map_err(spi_err)?,
+                    old_key: r.get::<String>(13).map_err(spi_err)?,
+                    xid: r.get::<String>(14).map_err(spi_err)?.unwrap_or_default(),
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -128,11 +139,22 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
     for (i, q) in batch.iter().enumerate() {
         if q.op == "t" {
             flush(&mut cmds, &mut pending, &mut results)?;
-            results.push(purge_pattern(&q.key).map(|_| ()).map_err(|e| e.to_string()));
+            let mut r = match purge_pattern(&q.key) {
+                Err(e) if e.is_connection() => return Err(e),
+                r => r.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            let mut ev = vec![];
+            event(q, &mut ev);
+            if r.is_ok() && !ev.is_empty() {
+                let what = format!("XADD {:?}", q.stream.as_deref().unwrap_or(""));
+                r = verdict(&call_pipeline(&Call::new(&what), &ev)?);
+            }
+            results.push(r);
             continue;
         }
         let before = cmds.len();
         build(q, &mut cmds);
+        event(q, &mut cmds);
         pending.push((i, cmds.len() - before));
     }
     flush(&mut cmds, &mut pending, &mut results)?;
@@ -173,13 +195,47 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
             }
             cmds.push(c);
         }
-        ("s", None) => {}
+        ("s", None) | ("n", _) => {}
         _ => {
             let mut c = cmd("DEL");
             c.arg(&q.key);
             cmds.push(c);
         }
     }
+}
+
+/// The change event for the mirror's stream (docs/streams.md): XADD with an approximate cap.
+fn event(q: &Queued, cmds: &mut Vec<Cmd>) {
+    let (Some(stream), Some(ev)) = (q.stream.as_deref(), q.ev.as_deref()) else {
+        return;
+    };
+    let op = match ev {
+        "i" => "insert",
+        "u" => "update",
+        "d" => "delete",
+        _ => "truncate",
+    };
+    let mut c = cmd("XADD");
+    c.arg(stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(crate::settings::stream_maxlen())
+        .arg("*");
+    c.arg("op").arg(op).arg("table").arg(&q.table);
+    if op != "truncate" {
+        c.arg("key").arg(&q.key);
+    }
+    if let (Some(data), true) = (q.payload.as_deref(), op == "insert" || op == "update") {
+        c.arg("data").arg(data);
+    }
+    if let Some(old) = &q.old_key {
+        c.arg("old_key").arg(old);
+    }
+    c.arg("xid")
+        .arg(&q.xid)
+        .arg("change_id")
+        .arg(format!("{}:{}", q.xid, q.id));
+    cmds.push(c);
 }
 
 /// Hash fields of a row: the same text renderings as the JSON (strings unquoted, NULLs left out).

@@ -125,11 +125,7 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         let changes: Vec<Change> = rows
             .into_iter()
             .filter(|r| r.2)
-            .map(|(k, p, _)| Change {
-                op: "s",
-                key: k,
-                payload: p,
-            })
+            .map(|(k, p, _)| Change::new("s", k, p))
             .collect();
         queued = changes.len() as i64;
         enqueue(&m, changes)?;

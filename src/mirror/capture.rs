@@ -17,10 +17,32 @@ use pgrx::prelude::*;
 use pgrx::{PgTrigger, PgTriggerOperation};
 use std::collections::HashSet;
 
+/// One queued change. `op`: 's' write the row, 'd' delete the key, 't' delete every key of the
+/// layout, 'n' nothing in the keyspace (a stream event only). `ev` is the change event for the
+/// mirror's stream ('i', 'u', 'd', 't'); None for internal changes (backfill, repair, re-key).
 pub struct Change {
     pub op: &'static str,
     pub key: String,
     pub payload: Option<String>,
+    pub ev: Option<&'static str>,
+    pub old_key: Option<String>,
+}
+
+impl Change {
+    pub fn new(op: &'static str, key: String, payload: Option<String>) -> Self {
+        Change {
+            op,
+            key,
+            payload,
+            ev: None,
+            old_key: None,
+        }
+    }
+
+    fn event(mut self, ev: &'static str) -> Self {
+        self.ev = Some(ev);
+        self
+    }
 }
 
 #[pg_trigger]
@@ -72,45 +94,40 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
     };
     let changes = match op {
         PgTriggerOperation::Truncate => {
-            vec![Change {
-                op: "t",
-                key: m.key_pattern.clone(),
-                payload: None,
-            }]
+            vec![Change::new("t", m.key_pattern.clone(), None).event("t")]
         }
         PgTriggerOperation::Insert => {
             let new = render(&m, td, &need(&new_name, "NEW")?)?;
             new.into_iter()
                 .filter_map(|(k, p, pass)| write_or_delete(&m, k, p, pass, true))
+                .map(|c| c.event("i"))
                 .collect()
         }
         PgTriggerOperation::Delete => {
             let old = render_keys(&m, td, &need(&old_name, "OLD")?)?;
             old.into_iter()
-                .map(|k| Change {
-                    op: "d",
-                    key: k,
-                    payload: None,
-                })
+                .map(|k| Change::new("d", k, None).event("d"))
                 .collect()
         }
         PgTriggerOperation::Update => {
+            // Old and new transition rows come in the same order (PostgreSQL appends them pair by
+            // pair), which tells each new row the key it had before.
             let old = render_keys(&m, td, &need(&old_name, "OLD")?)?;
             let new = render(&m, td, &need(&new_name, "NEW")?)?;
             let new_keys: HashSet<&str> = new.iter().map(|(k, _, _)| k.as_str()).collect();
+            // Removed keys first: in a statement that swaps keys, every DEL precedes the writes.
             let mut out: Vec<Change> = old
-                .into_iter()
+                .iter()
                 .filter(|k| !new_keys.contains(k.as_str()))
-                .map(|k| Change {
-                    op: "d",
-                    key: k,
-                    payload: None,
-                })
+                .map(|k| Change::new("d", k.clone(), None))
                 .collect();
-            out.extend(
-                new.into_iter()
-                    .filter_map(|(k, p, pass)| write_or_delete(&m, k, p, pass, false)),
-            );
+            for (i, (k, p, pass)) in new.into_iter().enumerate() {
+                let before = old.get(i).filter(|o| **o != k).cloned();
+                if let Some(mut c) = write_or_delete(&m, k, p, pass, false) {
+                    c.old_key = before;
+                    out.push(c.event("u"));
+                }
+            }
             out
         }
     };
@@ -161,27 +178,22 @@ fn write_or_delete(
     pass: bool,
     insert: bool,
 ) -> Option<Change> {
+    // The payload rides along on deletes too when the mirror has a stream (its event's data).
+    let payload = if m.stream.is_some() || m.action == "write" {
+        payload
+    } else {
+        None
+    };
     if m.action == "invalidate" {
-        return Some(Change {
-            op: "d",
-            key,
-            payload: None,
-        });
+        return Some(Change::new("d", key, payload));
     }
     if pass {
-        Some(Change {
-            op: "s",
-            key,
-            payload,
-        })
+        Some(Change::new("s", key, payload))
     } else if insert {
-        None // a new row outside the filter: nothing can be in Redis for it
+        // A new row outside the filter: nothing can be in Redis for it; only its event.
+        m.stream.as_ref().map(|_| Change::new("n", key, payload))
     } else {
-        Some(Change {
-            op: "d",
-            key,
-            payload: None,
-        })
+        Some(Change::new("d", key, payload))
     }
 }
 
@@ -251,16 +263,25 @@ pub fn enqueue(m: &Mirror, changes: Vec<Change>) -> Res<()> {
     let mut ops = Vec::with_capacity(changes.len());
     let mut keys = Vec::with_capacity(changes.len());
     let mut payloads = Vec::with_capacity(changes.len());
+    let mut evs: Vec<Option<String>> = Vec::with_capacity(changes.len());
+    let mut old_keys = Vec::with_capacity(changes.len());
     for c in changes {
         ops.push(c.op.to_string());
         keys.push(c.key);
         payloads.push(c.payload);
+        evs.push(if m.stream.is_some() {
+            c.ev.map(str::to_string)
+        } else {
+            None
+        });
+        old_keys.push(c.old_key);
     }
     as_role(ext_owner(), false, || {
         Spi::run_with_args(
-            "INSERT INTO redis_internal.queue (mirror_id, op, key, payload) \
-             SELECT $1, u.o::\"char\", u.k, u.p FROM unnest($2::text[], $3::text[], $4::text[]) AS u(o, k, p)",
-            &[m.id.into(), ops.into(), keys.into(), payloads.into()],
+            "INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
+             SELECT $1, u.o::\"char\", u.k, u.p, u.e::\"char\", u.ok \
+               FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS u(o, k, p, e, ok)",
+            &[m.id.into(), ops.into(), keys.into(), payloads.into(), evs.into(), old_keys.into()],
         )
         .map_err(|e| Error::Internal(format!("queueing changes of {}: {e}", m.table_name())))
     })

@@ -18,12 +18,13 @@ pub struct Mirror {
     pub ttl_seconds: Option<i32>,
     pub action: String,
     pub filter: Option<String>,
+    pub stream: Option<String>,
     pub state: String,
     pub key_pattern: String,
 }
 
 const COLS: &str =
-    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds";
+    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -42,6 +43,7 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
         state: row.get::<String>(9).map_err(e)?.unwrap_or_default(),
         key_pattern: row.get::<String>(10).map_err(e)?.unwrap_or_default(),
         ttl_seconds: row.get::<i32>(11).map_err(e)?,
+        stream: row.get::<String>(12).map_err(e)?,
     })
 }
 
@@ -107,7 +109,7 @@ impl Mirror {
 
     /// JSON of the row: `row_to_json` typing, only the chosen columns.
     pub fn payload_sql(&self) -> String {
-        if self.action == "invalidate" {
+        if self.action == "invalidate" && self.stream.is_none() {
             return "NULL::text".into();
         }
         match &self.columns {

@@ -99,11 +99,7 @@ fn mirror(
             )));
         }
     }
-    if stream.is_some() {
-        return Err(invalid(
-            "redis_mirror: change-event streams are not available in this version of pg_redis",
-        ));
-    }
+    let stream = stream.map(str::trim).filter(|s| !s.is_empty());
     let keys = validate::unique_keys(tbl)?;
     let template = match key_template {
         Some(tpl) => tpl.to_string(),
@@ -200,7 +196,7 @@ fn mirror(
                 mode.to_string().into(),
                 action.to_string().into(),
                 filter.map(str::to_string).into(),
-                stream.map(str::to_string).into(),
+                stream.map(|s| format!("{key_prefix}{s}")).into(),
                 pattern.clone().into(),
                 creator.into(),
             ],
@@ -214,11 +210,7 @@ fn mirror(
             // The old layout's keys go first; the rows are then written anew by the backfill.
             capture::enqueue(
                 &m,
-                vec![capture::Change {
-                    op: "t",
-                    key: p.key_pattern.clone(),
-                    payload: None,
-                }],
+                vec![capture::Change::new("t", p.key_pattern.clone(), None)],
             )?;
         }
     }
@@ -303,11 +295,7 @@ fn redis_unmirror(tbl: PgRelation, purge: default!(Option<bool>, "false")) -> bo
         if purge.unwrap_or(false) {
             capture::enqueue(
                 &m,
-                vec![capture::Change {
-                    op: "t",
-                    key: m.key_pattern.clone(),
-                    payload: None,
-                }],
+                vec![capture::Change::new("t", m.key_pattern.clone(), None)],
             )?;
             crate::delivery::wake_at_commit();
         }
