@@ -30,8 +30,7 @@ static COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Changes per pipelined round trip.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
-/// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms); read once the
-/// commit mode exists (not in this version).
+/// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms).
 static COMMIT_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Failed deliveries of one change before it moves to the dead letters.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
@@ -239,6 +238,9 @@ pub fn max_attempts() -> i32 {
 }
 pub fn max_queue_size_bytes() -> i64 {
     MAX_QUEUE_SIZE_KB.get() as i64 * 1024
+}
+pub fn commit_wait_timeout() -> Duration {
+    Duration::from_millis(COMMIT_WAIT_TIMEOUT_MS.get().max(0) as u64)
 }
 pub fn stream_maxlen() -> i64 {
     STREAM_MAXLEN.get() as i64

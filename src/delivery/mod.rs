@@ -2,6 +2,7 @@
 //! the worker and `redis_drain()` together keep per-key commit order. Backends wake the worker
 //! at COMMIT through its latch, found in shared memory.
 
+pub mod commit_wait;
 pub mod deliver;
 pub mod worker;
 
@@ -16,6 +17,8 @@ pub const MAX_WORKERS: usize = 16;
 pub struct WorkerSlots {
     pub db: [u32; MAX_WORKERS],
     pub pid: [i32; MAX_WORKERS],
+    /// The worker's last attempt to reach Redis failed (commit-mode waits end at once).
+    pub down: [bool; MAX_WORKERS],
 }
 unsafe impl PGRXSharedMemory for WorkerSlots {}
 
@@ -32,19 +35,35 @@ pub fn init_preloaded() {
     unsafe { PRELOADED = true };
     pgrx::pg_shmem_init!(SLOTS);
     crate::stats::init_preloaded();
+    commit_wait::init_preloaded();
     worker::register_workers();
 }
 
 /// The pid of the worker serving this database, if one runs.
 pub fn worker_pid() -> Option<i32> {
+    worker_pid_for(unsafe { pg_sys::MyDatabaseId }.to_u32()).map(|(pid, _)| pid)
+}
+
+/// (pid, Redis known down) of the worker serving a database.
+pub fn worker_pid_for(db: u32) -> Option<(i32, bool)> {
     if !preloaded() {
         return None;
     }
-    let me = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let slots = SLOTS.share();
     (0..MAX_WORKERS)
-        .find(|&i| slots.db[i] == me && slots.pid[i] != 0)
-        .map(|i| slots.pid[i])
+        .find(|&i| slots.db[i] == db && slots.pid[i] != 0)
+        .map(|i| (slots.pid[i], slots.down[i]))
+}
+
+/// Is this database one the workers serve (pg_redis.databases)?
+pub fn database_served() -> bool {
+    if !preloaded() {
+        return false;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
+        .to_string_lossy()
+        .into_owned();
+    crate::settings::databases().contains(&name)
 }
 
 thread_local! {
@@ -63,25 +82,32 @@ pub fn wake_at_commit() {
     }
 }
 
-/// At COMMIT interrupts are held and an ERROR would become a PANIC: only set a latch here.
+/// At COMMIT interrupts are held and an ERROR would become a PANIC: only latches and waits here.
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-            if WAKE_PENDING.with(|w| w.replace(false)) =>
-        {
-            if let Some(pid) = worker_pid() {
-                let proc_ = unsafe { pg_sys::BackendPidGetProc(pid) };
-                if !proc_.is_null() {
-                    unsafe { pg_sys::SetLatch(&mut (*proc_).procLatch) };
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if commit_wait::touched_commit_or_sync() => {
+            commit_wait::forget();
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "pg_redis: PREPARE TRANSACTION is not supported for a transaction that changed a table mirrored in commit or sync mode"
+            );
+        }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_PENDING.with(|w| w.replace(false)) {
+                if let Some(pid) = worker_pid() {
+                    commit_wait::set_latch_of(pid);
                 }
             }
+            commit_wait::wait_at_commit();
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             WAKE_PENDING.with(|w| w.set(false));
+            commit_wait::forget();
         }
         _ => {}
     }

@@ -65,8 +65,9 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         let step = BackgroundWorker::transaction(step);
         match step {
             Step::Busy => {
+                // No ResetLatch here: a commit's wake-up that arrived during the step must not be
+                // lost; the next wait returns at once if the latch is set.
                 backoff = Duration::from_millis(100);
-                unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
             }
             Step::Idle => {
                 backoff = Duration::from_millis(100);
@@ -90,6 +91,14 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
     log!("pg_redis: worker for database \"{db}\" stopped");
 }
 
+fn set_down(down: bool) {
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut s = SLOTS.exclusive();
+    if let Some(i) = (0..MAX_WORKERS).find(|&i| s.pid[i] == me) {
+        s.down[i] = down;
+    }
+}
+
 fn step() -> Step {
     let installed = crate::spi_read::one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
@@ -102,7 +111,10 @@ fn step() -> Step {
         return Step::Idle;
     }
     let batch = crate::settings::batch_size();
-    match deliver::deliver_batch(batch, false) {
+    let delivered = deliver::deliver_batch(batch, false);
+    super::commit_wait::serve_waiters();
+    set_down(matches!(&delivered, Err(e) if e.is_connection()));
+    match delivered {
         Ok(o) if o.claimed >= batch => Step::Busy,
         Ok(o) if o.failed > 0 => Step::RedisDown(Error::Internal("some changes failed".into())),
         Ok(_) => match crate::mirror::backfill::step_any() {

@@ -276,13 +276,24 @@ pub fn enqueue(m: &Mirror, changes: Vec<Change>) -> Res<()> {
         });
         old_keys.push(c.old_key);
     }
-    as_role(ext_owner(), false, || {
-        Spi::run_with_args(
-            "INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
-             SELECT $1, u.o::\"char\", u.k, u.p, u.e::\"char\", u.ok \
-               FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS u(o, k, p, e, ok)",
+    let table = m.table_name();
+    let (lo, hi) = as_role(ext_owner(), false, || {
+        Spi::get_two_with_args::<i64, i64>(
+            "WITH ins AS ( \
+               INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
+               SELECT $1, u.o::\"char\", u.k, u.p, u.e::\"char\", u.ok \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS u(o, k, p, e, ok) \
+               RETURNING id) \
+             SELECT min(id), max(id) FROM ins",
             &[m.id.into(), ops.into(), keys.into(), payloads.into(), evs.into(), old_keys.into()],
         )
-        .map_err(|e| Error::Internal(format!("queueing changes of {}: {e}", m.table_name())))
-    })
+        .map_err(|e| Error::Internal(format!("queueing changes of {table}: {e}")))
+    })?;
+    if m.mode == "commit" {
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
+            crate::delivery::commit_wait::note_commit_mode(xid, lo, hi);
+        }
+    }
+    Ok(())
 }

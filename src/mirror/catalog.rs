@@ -19,12 +19,13 @@ pub struct Mirror {
     pub action: String,
     pub filter: Option<String>,
     pub stream: Option<String>,
+    pub mode: String,
     pub state: String,
     pub key_pattern: String,
 }
 
 const COLS: &str =
-    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream";
+    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream, mode";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -44,6 +45,7 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
         key_pattern: row.get::<String>(10).map_err(e)?.unwrap_or_default(),
         ttl_seconds: row.get::<i32>(11).map_err(e)?,
         stream: row.get::<String>(12).map_err(e)?,
+        mode: row.get::<String>(13).map_err(e)?.unwrap_or_default(),
     })
 }
 

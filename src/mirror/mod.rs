@@ -75,10 +75,16 @@ fn mirror(
     let mode = mode.unwrap_or("queue");
     match mode {
         "queue" => {}
-        "commit" | "sync" => {
-            return Err(invalid(format!(
-            "redis_mirror: mode '{mode}' is not available in this version of pg_redis; use 'queue'"
-        )))
+        "commit" if !crate::delivery::database_served() => {
+            return Err(invalid(
+                "redis_mirror: mode 'commit' needs the background worker: add pg_redis to shared_preload_libraries and this database to pg_redis.databases",
+            ))
+        }
+        "commit" => {}
+        "sync" => {
+            return Err(invalid(
+                "redis_mirror: mode 'sync' is not available in this version of pg_redis; use 'queue' or 'commit'",
+            ))
         }
         other => {
             return Err(invalid(format!(

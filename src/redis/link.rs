@@ -178,6 +178,17 @@ enum Waited {
 
 /// Wait for the helper's answer on the latch, so interrupts are served while Redis is slow.
 fn wait(link: &mut Link, budget: Option<Duration>) -> Waited {
+    let mut latch_was_set = false;
+    let r = wait_inner(link, budget, &mut latch_was_set);
+    // A latch set while we waited may be someone's wake-up call (a commit waking the worker):
+    // leave it set for whoever waits next, rather than swallowing it.
+    if latch_was_set {
+        unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+    }
+    r
+}
+
+fn wait_inner(link: &mut Link, budget: Option<Duration>, latch_was_set: &mut bool) -> Waited {
     let start = Instant::now();
     loop {
         match link.answers.try_recv() {
@@ -224,6 +235,7 @@ fn wait(link: &mut Link, budget: Option<Duration>) -> Waited {
         };
         if events & pg_sys::WL_LATCH_SET as i32 != 0 {
             unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            *latch_was_set = true;
             if interrupt_pending() {
                 // The call may be abandoned by the ERROR that follows: make sure this link is
                 // not reused, then let PostgreSQL act on the interrupt.
