@@ -260,36 +260,17 @@ fn read_redis(m: &Mirror, key: &str, columns: &[Column]) -> Result<Option<Json>>
 
 fn fill(m: &Mirror, key: &str, payload: &str) -> Result<()> {
     let what = crate::kv::describe("SET", key);
-    if m.format == "hash" {
-        let fields = crate::delivery::deliver::hash_fields(payload);
-        let mut cmds = vec![cmd("MULTI")];
-        let mut del = cmd("DEL");
-        del.arg(key);
-        cmds.push(del);
-        if !fields.is_empty() {
-            let mut h = cmd("HSET");
-            h.arg(key);
-            for (f, v) in &fields {
-                h.arg(f).arg(v);
-            }
-            cmds.push(h);
-            if let Some(t) = m.ttl_seconds {
-                let mut e = cmd("EXPIRE");
-                e.arg(key).arg(t);
-                cmds.push(e);
-            }
-        }
-        cmds.push(cmd("EXEC"));
-        for r in call_pipeline(&Call::new(&what), &cmds)? {
-            value::check(&what, r)?;
-        }
-    } else {
-        let mut c = cmd("SET");
-        c.arg(key).arg(payload);
-        if let Some(t) = m.ttl_seconds {
-            c.arg("EX").arg(t);
-        }
-        value::check(&what, call(&Call::new(&what), &c)?)?;
+    let mut cmds = vec![];
+    crate::delivery::deliver::key_commands(
+        "s",
+        Some(&m.format),
+        key,
+        Some(payload),
+        m.ttl_seconds,
+        &mut cmds,
+    );
+    for r in call_pipeline(&Call::new(&what), &cmds)? {
+        value::check(&what, r)?;
     }
     Ok(())
 }

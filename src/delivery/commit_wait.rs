@@ -59,6 +59,8 @@ thread_local! {
     static PENDING: Cell<Option<(u64, i64, i64)>> = const { Cell::new(None) };
     /// Did this transaction queue changes of a commit- or sync-mode mirror (PREPARE refused)?
     static NEEDS_WORKER: Cell<bool> = const { Cell::new(false) };
+    /// Did this transaction push sync-mode changes (the worker repairs them on rollback)?
+    static SYNC_PUSHED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Remember the queue ids of a commit-mode mirror's changes queued by this transaction.
@@ -71,9 +73,19 @@ pub fn note_commit_mode(xid: u64, min_id: i64, max_id: i64) {
     NEEDS_WORKER.with(|n| n.set(true));
 }
 
+pub fn note_sync_mode() {
+    NEEDS_WORKER.with(|n| n.set(true));
+    SYNC_PUSHED.with(|n| n.set(true));
+}
+
+pub fn sync_pushed() -> bool {
+    SYNC_PUSHED.with(|n| n.get())
+}
+
 pub fn forget() {
     PENDING.with(|p| p.set(None));
     NEEDS_WORKER.with(|n| n.set(false));
+    SYNC_PUSHED.with(|n| n.set(false));
 }
 
 pub fn touched_commit_or_sync() -> bool {

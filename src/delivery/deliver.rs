@@ -164,33 +164,53 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
 /// The commands for one change. A change whose mirror is gone still deletes (DROP TABLE purge),
 /// but writes nothing.
 fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
-    match (q.op.as_str(), q.format.as_deref()) {
+    key_commands(
+        &q.op,
+        q.format.as_deref(),
+        &q.key,
+        q.payload.as_deref(),
+        q.ttl,
+        cmds,
+    );
+}
+
+/// The Redis commands that apply one change to its key: 's' writes the row (SET, or for a hash
+/// MULTI/DEL/HSET/EXPIRE/EXEC so that the hash is replaced atomically), 'd' deletes the key,
+/// 'n' does nothing. `format` None: the mirror is gone, so nothing is written (deletes still are).
+pub fn key_commands(
+    op: &str,
+    format: Option<&str>,
+    key: &str,
+    payload: Option<&str>,
+    ttl: Option<i32>,
+    cmds: &mut Vec<Cmd>,
+) {
+    match (op, format) {
         ("s", Some("hash")) => {
-            let fields = hash_fields(q.payload.as_deref().unwrap_or("{}"));
-            let mut multi = vec![cmd("MULTI")];
+            let fields = hash_fields(payload.unwrap_or("{}"));
+            cmds.push(cmd("MULTI"));
             let mut del = cmd("DEL");
-            del.arg(&q.key);
-            multi.push(del);
+            del.arg(key);
+            cmds.push(del);
             if !fields.is_empty() {
                 let mut h = cmd("HSET");
-                h.arg(&q.key);
+                h.arg(key);
                 for (f, v) in &fields {
                     h.arg(f).arg(v);
                 }
-                multi.push(h);
-                if let Some(t) = q.ttl {
+                cmds.push(h);
+                if let Some(t) = ttl {
                     let mut e = cmd("EXPIRE");
-                    e.arg(&q.key).arg(t);
-                    multi.push(e);
+                    e.arg(key).arg(t);
+                    cmds.push(e);
                 }
             }
-            multi.push(cmd("EXEC"));
-            cmds.extend(multi);
+            cmds.push(cmd("EXEC"));
         }
         ("s", Some(_)) => {
             let mut c = cmd("SET");
-            c.arg(&q.key).arg(q.payload.as_deref().unwrap_or("null"));
-            if let Some(t) = q.ttl {
+            c.arg(key).arg(payload.unwrap_or("null"));
+            if let Some(t) = ttl {
                 c.arg("EX").arg(t);
             }
             cmds.push(c);
@@ -198,7 +218,7 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
         ("s", None) | ("n", _) => {}
         _ => {
             let mut c = cmd("DEL");
-            c.arg(&q.key);
+            c.arg(key);
             cmds.push(c);
         }
     }
@@ -253,7 +273,7 @@ pub fn hash_fields(payload: &str) -> Vec<(String, String)> {
     }
 }
 
-fn verdict(replies: &[Value]) -> std::result::Result<(), String> {
+pub fn verdict(replies: &[Value]) -> std::result::Result<(), String> {
     for r in replies {
         if let Some(e) = value::error_text(r) {
             return Err(e);

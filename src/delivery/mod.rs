@@ -4,6 +4,7 @@
 
 pub mod commit_wait;
 pub mod deliver;
+pub mod sync_mode;
 pub mod worker;
 
 use pgrx::pg_sys;
@@ -78,7 +79,10 @@ pub fn wake_at_commit() {
     }
     WAKE_PENDING.with(|w| w.set(true));
     if !CALLBACK_REGISTERED.with(|c| c.replace(true)) {
-        unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+        }
     }
 }
 
@@ -107,8 +111,29 @@ unsafe extern "C-unwind" fn xact_callback(
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             WAKE_PENDING.with(|w| w.set(false));
+            // Keys pushed in sync mode must be repaired promptly: wake the worker.
+            if commit_wait::sync_pushed() {
+                if let Some(pid) = worker_pid() {
+                    commit_wait::set_latch_of(pid);
+                }
+            }
             commit_wait::forget();
         }
         _ => {}
+    }
+}
+
+/// A savepoint rolled back after a sync-mode push: the worker repairs its keys right away.
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && commit_wait::sync_pushed() {
+        if let Some(pid) = worker_pid() {
+            commit_wait::set_latch_of(pid);
+        }
     }
 }

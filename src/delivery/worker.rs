@@ -62,7 +62,29 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         }
-        let step = BackgroundWorker::transaction(step);
+        let (step, repaired) = BackgroundWorker::transaction(|| {
+            let s = step();
+            // Sync-mode pushes of (sub)transactions that did not commit: repair through the queue.
+            let repaired = match super::sync_mode::repair_pending() {
+                Ok(done) => done,
+                Err(e) => {
+                    if !e.is_connection() {
+                        warning!("{}", crate::error::redact(&e.to_string()));
+                    }
+                    vec![]
+                }
+            };
+            (s, repaired)
+        });
+        // Registry entries go only once the repairs are committed to the queue.
+        let step = if repaired.is_empty() {
+            step
+        } else {
+            if let Err(e) = super::sync_mode::clean(repaired) {
+                warning!("{}", crate::error::redact(&e.to_string()));
+            }
+            Step::Busy
+        };
         match step {
             Step::Busy => {
                 // No ResetLatch here: a commit's wake-up that arrived during the step must not be

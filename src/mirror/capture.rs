@@ -137,6 +137,9 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
     if queue_overflowing(&m)? {
         return Ok(());
     }
+    if m.mode == "sync" {
+        crate::delivery::sync_mode::push(&m, &changes)?;
+    }
     enqueue(&m, changes)?;
     crate::delivery::wake_at_commit();
     Ok(())

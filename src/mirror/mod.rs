@@ -75,17 +75,12 @@ fn mirror(
     let mode = mode.unwrap_or("queue");
     match mode {
         "queue" => {}
-        "commit" if !crate::delivery::database_served() => {
-            return Err(invalid(
-                "redis_mirror: mode 'commit' needs the background worker: add pg_redis to shared_preload_libraries and this database to pg_redis.databases",
-            ))
+        "commit" | "sync" if !crate::delivery::database_served() => {
+            return Err(invalid(format!(
+                "redis_mirror: mode '{mode}' needs the background worker: add pg_redis to shared_preload_libraries and this database to pg_redis.databases"
+            )))
         }
-        "commit" => {}
-        "sync" => {
-            return Err(invalid(
-                "redis_mirror: mode 'sync' is not available in this version of pg_redis; use 'queue' or 'commit'",
-            ))
-        }
+        "commit" | "sync" => {}
         other => {
             return Err(invalid(format!(
                 "redis_mirror: mode must be 'queue', 'commit' or 'sync', not '{other}'"

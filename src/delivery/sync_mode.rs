@@ -1,0 +1,245 @@
+//! The `sync` mode: changes are pushed to Redis inside the statement (its failure fails the
+//! statement), and also queued as in queue mode, so the committed state is delivered again after
+//! COMMIT in commit order. What a transaction pushed is recorded in Redis *before* the values
+//! (`<prefix>pg_redis:sync:<db>` holds the (sub)transaction ids, `...:<db>:<xid>` the
+//! `mirror_id:key` entries). The worker reads that registry: keys of a (sub)transaction that did
+//! not commit — rolled back, rolled back to a savepoint, or lost with a crashed backend — are
+//! repaired from the table through the queue; entries of committed ones are simply dropped.
+//! docs/guarantees.md states the window in which readers can see an uncommitted value.
+
+use crate::error::{invalid, Error, Result};
+use crate::mirror::capture::{enqueue, Change};
+use crate::mirror::catalog::{self, Mirror};
+use crate::mirror::context::{as_role, ext_owner, with_render_settings};
+use crate::mirror::template::{self, quote_ident};
+use crate::redis::{call, call_pipeline, value, Call};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use redis::{cmd, Value};
+
+fn registry(prefix: &str, db: u32) -> String {
+    format!("{prefix}pg_redis:sync:{db}")
+}
+
+/// Backend side, from the capture trigger: register, then push, in one round trip.
+pub fn push(m: &Mirror, changes: &[Change]) -> Result<()> {
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
+    let reg = registry(&m.key_prefix, db);
+    // The server's start time tags the xid: after a crash, xids whose WAL was lost are handed
+    // out again, so an entry from an earlier life of the server is always repaired.
+    let member = format!("{xid}@{}", server_life());
+    let entries = format!("{reg}:{member}");
+    let mut cmds = vec![];
+    let mut sadd_x = cmd("SADD");
+    sadd_x.arg(&reg).arg(&member);
+    cmds.push(sadd_x);
+    let mut sadd_k = cmd("SADD");
+    sadd_k.arg(&entries);
+    let mut any = false;
+    for c in changes.iter().filter(|c| c.op == "s" || c.op == "d") {
+        sadd_k.arg(format!("{}:{}", m.id, c.key));
+        any = true;
+    }
+    if !any {
+        return Ok(());
+    }
+    cmds.push(sadd_k);
+    for c in changes {
+        if c.op == "t" {
+            continue; // TRUNCATE in sync mode is delivered by the queue after COMMIT
+        }
+        crate::delivery::deliver::key_commands(
+            c.op,
+            Some(&m.format),
+            &c.key,
+            c.payload.as_deref(),
+            m.ttl_seconds,
+            &mut cmds,
+        );
+    }
+    let what = format!(
+        "pushing {} changes of {} (sync mode)",
+        changes.len(),
+        m.table_name()
+    );
+    let replies = call_pipeline(&Call::new(&what), &cmds)?;
+    if let Err(reply) = crate::delivery::deliver::verdict(&replies) {
+        return Err(Error::Reply { what, reply });
+    }
+    crate::delivery::commit_wait::note_sync_mode();
+    Ok(())
+}
+
+/// Worker side: repair what (sub)transactions that did not commit pushed. Returns the registry
+/// entries to remove once the repairs are committed to the queue.
+pub fn repair_pending() -> Result<Vec<(String, String, String)>> {
+    let prefixes: Vec<String> = as_role(ext_owner(), false, || {
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT DISTINCT key_prefix FROM redis_internal.mirrors WHERE mode = 'sync'",
+                None,
+                &[],
+            )?;
+            t.into_iter()
+                .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        })
+    })
+    .map_err(|e| Error::Internal(format!("sync repair: {e}")))?;
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut done = vec![];
+    for prefix in prefixes {
+        let reg = registry(&prefix, db);
+        let what = format!("SMEMBERS {reg:?}");
+        let xids = members(&what, call(&Call::new(&what), cmd("SMEMBERS").arg(&reg))?)?;
+        let life = server_life();
+        for member in xids {
+            let (xid, born) = member.split_once('@').unwrap_or((member.as_str(), ""));
+            let status = if born == life.to_string() {
+                // pg_xact_status raises for an xid it does not know: guard it.
+                crate::mirror::validate::in_subtransaction(|| {
+                    crate::spi_read::one::<String>(
+                        "SELECT pg_catalog.pg_xact_status($1::xid8)",
+                        &[xid.to_string().into()],
+                    )
+                })
+                .ok()
+                .and_then(|r| r.ok())
+                .flatten()
+            } else {
+                None // an earlier life of the server: repair
+            };
+            let entries_key = format!("{reg}:{member}");
+            let entries = members(
+                &what,
+                call(&Call::new(&what), cmd("SMEMBERS").arg(&entries_key))?,
+            )?;
+            let settled = match status.as_deref() {
+                Some("in progress") => continue,
+                // Committed: the queue delivers the committed state, nothing to repair.
+                Some("committed") => entries.clone(),
+                _ => {
+                    let mut ok = vec![];
+                    for e in &entries {
+                        if repair_entry(e)? {
+                            ok.push(e.clone());
+                        }
+                    }
+                    ok
+                }
+            };
+            let all = settled.len() == entries.len();
+            for e in settled {
+                done.push((reg.clone(), entries_key.clone(), e));
+            }
+            if all {
+                done.push((reg.clone(), entries_key.clone(), String::new()));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// After the repairs are committed: drop the registry entries (and emptied sets).
+pub fn clean(done: Vec<(String, String, String)>) -> Result<()> {
+    for (reg, entries_key, member) in done {
+        let what = format!("cleaning sync registry {entries_key:?}");
+        if !member.is_empty() {
+            call(
+                &Call::new(&what),
+                cmd("SREM").arg(&entries_key).arg(&member),
+            )?;
+        }
+        let left = value::int(
+            &what,
+            call(&Call::new(&what), cmd("SCARD").arg(&entries_key))?,
+        )?;
+        if left == 0 {
+            let member = entries_key.rsplit(':').next().unwrap_or("");
+            call(&Call::new(&what), cmd("SREM").arg(&reg).arg(member))?;
+        }
+    }
+    Ok(())
+}
+
+/// When this server (postmaster) started, in microseconds since the PostgreSQL epoch.
+fn server_life() -> i64 {
+    unsafe { pg_sys::PgStartTime }
+}
+
+fn members(what: &str, v: Value) -> Result<Vec<String>> {
+    match value::check(what, v)? {
+        Value::Array(items) | Value::Set(items) => Ok(items
+            .into_iter()
+            .filter_map(|i| value::text(what, i).ok().flatten())
+            .collect()),
+        _ => Ok(vec![]),
+    }
+}
+
+/// Queue the committed state of one key: the row read FOR SHARE NOWAIT (a row still locked by a
+/// transaction in progress is left for later: its own changes will be queued at its COMMIT).
+/// Returns whether the entry is settled.
+fn repair_entry(entry: &str) -> Result<bool> {
+    let Some((id, key)) = entry.split_once(':') else {
+        return Ok(true);
+    };
+    let Ok(id) = id.parse::<i32>() else {
+        return Ok(true);
+    };
+    let Some(m) = catalog::by_id(id)? else {
+        return Ok(true);
+    };
+    let parts = m.parts()?;
+    let Some(values) = template::invert(&m.key_prefix, &parts, key) else {
+        enqueue(&m, vec![Change::new("d", key.to_string(), None)])?;
+        return Ok(true);
+    };
+    let cols = template::columns(&parts);
+    let mut conds = vec![];
+    for (i, c) in cols.iter().enumerate() {
+        let ty = crate::spi_read::one::<String>(
+            "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2",
+            &[m.tbl.into(), c.to_string().into()],
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .ok_or_else(|| invalid(format!("column {c} vanished")))?;
+        conds.push(format!("r.{} = ${}::{ty}", quote_ident(c), i + 1));
+    }
+    let sql = format!(
+        "SELECT {}, {} FROM ONLY {} r WHERE {} FOR SHARE OF r NOWAIT",
+        m.payload_sql(),
+        m.filter_sql(),
+        crate::mirror::backfill::qualified(m.tbl)?,
+        conds.join(" AND ")
+    );
+    let owner = catalog::table_owner(m.tbl)?;
+    let args: Vec<pgrx::datum::DatumWithOid> = values.into_iter().map(|v| v.into()).collect();
+    let row = crate::mirror::validate::in_subtransaction(|| {
+        as_role(owner, true, || {
+            with_render_settings(|| {
+                Spi::connect_mut(|c| {
+                    let t = c.update(sql.as_str(), Some(1), &args)?;
+                    match t.into_iter().next() {
+                        None => Ok::<_, pgrx::spi::SpiError>(None),
+                        Some(r) => Ok(Some((
+                            r.get::<String>(1)?,
+                            r.get::<bool>(2)?.unwrap_or(false),
+                        ))),
+                    }
+                })
+            })
+        })
+    });
+    let change = match row {
+        Err(_) => return Ok(false), // locked (55P03): try again later
+        Ok(Err(e)) => return Err(Error::Internal(format!("sync repair of {key:?}: {e}"))),
+        Ok(Ok(Some((payload, true)))) if m.action == "write" => {
+            Change::new("s", key.to_string(), payload)
+        }
+        Ok(Ok(_)) => Change::new("d", key.to_string(), None),
+    };
+    enqueue(&m, vec![change])?;
+    Ok(true)
+}
