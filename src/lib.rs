@@ -40,6 +40,7 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+extension_sql_file!("../sql/comments.sql", name = "comments", requires = ["views"]);
 
 /// Set once a background worker got SIGTERM, so that a Redis call it is waiting on ends.
 static WORKER_SHUTDOWN: AtomicBool = AtomicBool::new(false);
