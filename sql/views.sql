@@ -91,3 +91,22 @@ BEGIN
 END $$;
 CREATE EVENT TRIGGER pg_redis_ddl_end ON ddl_command_end
   WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION redis_internal.on_ddl_end();
+
+-- A hand-written CREATE TRIGGER ... EXECUTE FUNCTION redis_mirror_trigger(...) registers a mirror.
+CREATE FUNCTION redis_internal.on_create_trigger() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN
+    SELECT c.objid
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_trigger t ON t.oid = c.objid
+      JOIN pg_proc p ON p.oid = t.tgfoid
+     WHERE c.object_type = 'trigger' AND p.proname = 'redis_mirror_trigger'
+  LOOP
+    PERFORM redis_internal.register_trigger(r.objid);
+  END LOOP;
+END $$;
+CREATE EVENT TRIGGER pg_redis_create_trigger ON ddl_command_end
+  WHEN TAG IN ('CREATE TRIGGER') EXECUTE FUNCTION redis_internal.on_create_trigger();

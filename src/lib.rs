@@ -36,11 +36,16 @@ extension_sql_file!(
         mirror::redis_backfill_step,
         mirror::redis_drain,
         mirror::redis_internal::wake_worker,
-        mirror::redis_internal::revalidate
+        mirror::redis_internal::revalidate,
+        mirror::redis_internal::register_trigger
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
-extension_sql_file!("../sql/comments.sql", name = "comments", requires = ["views"]);
+extension_sql_file!(
+    "../sql/comments.sql",
+    name = "comments",
+    requires = ["views"]
+);
 
 /// Set once a background worker got SIGTERM, so that a Redis call it is waiting on ends.
 static WORKER_SHUTDOWN: AtomicBool = AtomicBool::new(false);

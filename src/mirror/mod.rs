@@ -36,6 +36,7 @@ fn redis_mirror(
 ) -> i64 {
     mirror(
         tbl.oid(),
+        Registration::Call,
         key_template,
         format,
         columns,
@@ -50,8 +51,18 @@ fn redis_mirror(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How a mirror comes to be: a `redis_mirror` call (which creates the capture triggers), or a
+/// hand-written `CREATE TRIGGER ... redis_mirror_trigger('key_template=...', ...)`.
+#[derive(PartialEq, Clone, Copy)]
+enum Registration {
+    Call,
+    Trigger { creator: pg_sys::Oid },
+}
+
+#[allow(clippy::too_many_arguments)]
 fn mirror(
     tbl: pg_sys::Oid,
+    how: Registration,
     key_template: Option<&str>,
     format: Option<&str>,
     columns: Option<Vec<Option<String>>>,
@@ -171,7 +182,10 @@ fn mirror(
             )));
         }
     }
-    let creator = unsafe { pg_sys::GetUserId() };
+    let creator = match how {
+        Registration::Call => unsafe { pg_sys::GetUserId() },
+        Registration::Trigger { creator } => creator,
+    };
     let rekey = previous.as_ref().is_some_and(|p| {
         p.key_template != template
             || p.key_prefix != key_prefix
@@ -215,7 +229,9 @@ fn mirror(
             )?;
         }
     }
-    create_triggers(tbl)?;
+    if how == Registration::Call {
+        create_triggers(tbl)?;
+    }
     if !crate::delivery::preloaded() {
         notice!("pg_redis: no background worker runs (pg_redis is not in shared_preload_libraries): changes to {} wait in the queue until you call redis_drain()", t.name);
     }
@@ -241,7 +257,19 @@ fn trigger_function() -> Result<String> {
 fn create_triggers(tbl: pg_sys::Oid) -> Result<()> {
     let f = trigger_function()?;
     let t = backfill::qualified(tbl)?;
-    drop_triggers(tbl)?;
+    drop_triggers(tbl, false)?;
+    // Hand-written capture triggers on the table stay in charge: creating ours too would
+    // capture every change twice.
+    let hand_written = crate::spi_read::one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+          WHERE t.tgrelid = $1 AND p.proname = 'redis_mirror_trigger' AND NOT t.tgisinternal)",
+        &[tbl.into()],
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    if hand_written {
+        return Ok(());
+    }
     let sql = [
         format!("CREATE TRIGGER pg_redis_capture_insert AFTER INSERT ON {t} REFERENCING NEW TABLE AS pg_redis_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
         format!("CREATE TRIGGER pg_redis_capture_update AFTER UPDATE ON {t} REFERENCING OLD TABLE AS pg_redis_old NEW TABLE AS pg_redis_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
@@ -256,14 +284,17 @@ fn create_triggers(tbl: pg_sys::Oid) -> Result<()> {
     })
 }
 
-fn drop_triggers(tbl: pg_sys::Oid) -> Result<()> {
+/// Drop the capture triggers `redis_mirror` made; with `all`, also hand-written ones.
+fn drop_triggers(tbl: pg_sys::Oid, all: bool) -> Result<()> {
     let t = backfill::qualified(tbl)?;
     as_role(ext_owner(), false, || {
         let existing: Vec<String> = Spi::connect(|c| {
             let rows = c.select(
-                "SELECT tgname::text FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname LIKE 'pg\\_redis\\_capture\\_%'",
+                "SELECT t.tgname::text FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+                  WHERE t.tgrelid = $1 AND p.proname = 'redis_mirror_trigger' \
+                    AND ($2 OR t.tgname LIKE 'pg\\_redis\\_capture\\_%')",
                 None,
-                &[tbl.into()],
+                &[tbl.into(), all.into()],
             )?;
             rows.into_iter().map(|r| r.get::<String>(1).map(Option::unwrap_or_default)).collect::<std::result::Result<Vec<_>, _>>()
         })
@@ -292,7 +323,7 @@ fn redis_unmirror(tbl: PgRelation, purge: default!(Option<bool>, "false")) -> bo
     let tbl = tbl.oid();
     (|| -> Result<bool> {
         let m = owned_mirror(tbl, "redis_unmirror")?;
-        drop_triggers(tbl)?;
+        drop_triggers(tbl, true)?;
         if purge.unwrap_or(false) {
             capture::enqueue(
                 &m,
@@ -484,5 +515,146 @@ pub mod redis_internal {
             Ok(())
         })()
         .or_raise()
+    }
+
+    /// A hand-written `CREATE TRIGGER ... EXECUTE FUNCTION redis_mirror_trigger(args)` registers
+    /// its table as a mirror (the event trigger calls this), checked like `redis_mirror`'s
+    /// arguments, so a bad trigger is refused when it is created, not at the first write.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn register_trigger(tgoid: pg_sys::Oid) {
+        register(tgoid).or_raise()
+    }
+
+    fn register(tgoid: pg_sys::Oid) -> Result<()> {
+        let row = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT tgrelid, tgtype::int, tgoldtable::text, tgnewtable::text, tgargs, tgname::text \
+                   FROM pg_catalog.pg_trigger WHERE oid = $1",
+                Some(1),
+                &[tgoid.into()],
+            )?;
+            match t.into_iter().next() {
+                None => Ok(None),
+                Some(r) => Ok::<_, pgrx::spi::SpiError>(Some((
+                    r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    r.get::<i32>(2)?.unwrap_or(0),
+                    r.get::<String>(3)?,
+                    r.get::<String>(4)?,
+                    r.get::<Vec<u8>>(5)?.unwrap_or_default(),
+                    r.get::<String>(6)?.unwrap_or_default(),
+                ))),
+            }
+        })
+        .map_err(spi_err)?;
+        let Some((relid, tgtype, old, new, args, name)) = row else {
+            return Ok(());
+        };
+        let table = catalog::relation_name(relid);
+        let bad = |why: &str| {
+            Err(invalid(format!(
+                "redis_mirror_trigger: trigger \"{name}\" on {table}: {why}"
+            )))
+        };
+        // pg_trigger.tgtype bits: ROW 1, INSERT 4, DELETE 8, UPDATE 16, TRUNCATE 32.
+        if tgtype & 1 != 0 {
+            return bad(
+                "must be FOR EACH STATEMENT (with transition tables), see docs/reference.md",
+            );
+        }
+        if tgtype & 4 != 0 && new.is_none() {
+            return bad("an INSERT trigger needs REFERENCING NEW TABLE AS ...");
+        }
+        if tgtype & 8 != 0 && old.is_none() {
+            return bad("a DELETE trigger needs REFERENCING OLD TABLE AS ...");
+        }
+        if tgtype & 16 != 0 && (old.is_none() || new.is_none()) {
+            return bad("an UPDATE trigger needs REFERENCING OLD TABLE AS ... NEW TABLE AS ...");
+        }
+        // The role that ran CREATE TRIGGER (this runs inside a SECURITY DEFINER event trigger).
+        let outer = unsafe { pg_sys::GetOuterUserId() };
+        let owner = crate::spi_read::one::<bool>(
+            "SELECT pg_catalog.pg_has_role($1, relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid = $2",
+            &[outer.into(), relid.into()],
+        )
+        .map_err(spi_err)?
+        .unwrap_or(false);
+        let args: Vec<String> = args
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.is_empty() {
+            if catalog::by_table(relid)?.is_some() {
+                return Ok(()); // the mirror exists: the trigger uses its settings
+            }
+            return bad("pass the mirror's settings as arguments ('key_template=user:{id}', 'format=json', ...) or call redis_mirror() first");
+        }
+        if !owner {
+            return Err(Error::Privilege(format!(
+                "redis_mirror_trigger: must be owner of table {table} to mirror it"
+            )));
+        }
+        let mut o: std::collections::HashMap<String, String> = Default::default();
+        for a in &args {
+            let Some((k, v)) = a.split_once('=') else {
+                return bad(&format!("argument \"{a}\" is not name=value"));
+            };
+            let k = k.trim().to_string();
+            if ![
+                "key_template",
+                "format",
+                "columns",
+                "ttl_seconds",
+                "mode",
+                "action",
+                "filter",
+                "stream",
+                "backfill",
+            ]
+            .contains(&k.as_str())
+            {
+                return bad(&format!("unknown argument \"{k}\""));
+            }
+            o.insert(k, v.to_string());
+        }
+        let ttl = match o.get("ttl_seconds") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<i32>().map_err(|_| {
+                invalid(format!(
+                    "redis_mirror_trigger: ttl_seconds \"{v}\" is not an integer"
+                ))
+            })?),
+        };
+        let backfill = match o.get("backfill").map(|v| v.trim().to_ascii_lowercase()) {
+            None => true,
+            Some(v) if ["true", "on", "yes", "1"].contains(&v.as_str()) => true,
+            Some(v) if ["false", "off", "no", "0"].contains(&v.as_str()) => false,
+            Some(v) => return bad(&format!("backfill \"{v}\" is not a boolean")),
+        };
+        let columns = o
+            .get("columns")
+            .map(|c| c.split(',').map(|x| Some(x.trim().to_string())).collect());
+        // The same settings on the table's other capture triggers: register once.
+        if let Some(m) = catalog::by_table(relid)? {
+            let same = Some(m.key_template.as_str()) == o.get("key_template").map(String::as_str)
+                && m.format == o.get("format").map(String::as_str).unwrap_or("json");
+            if same {
+                return Ok(());
+            }
+        }
+        super::mirror(
+            relid,
+            Registration::Trigger { creator: outer },
+            o.get("key_template").map(String::as_str),
+            o.get("format").map(String::as_str),
+            columns,
+            ttl,
+            o.get("mode").map(String::as_str),
+            o.get("action").map(String::as_str),
+            o.get("filter").map(String::as_str),
+            o.get("stream").map(String::as_str),
+            Some(backfill),
+        )
+        .map(|_| ())
     }
 }
