@@ -55,6 +55,12 @@ impl Error {
             Error::Reply { reply, .. } if reply.starts_with("NOPERM") => {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
+            // Authentication refused: the connection could not be established.
+            Error::Reply { reply, .. }
+                if reply.starts_with("NOAUTH") || reply.starts_with("WRONGPASS") =>
+            {
+                ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+            }
             Error::Reply { .. } => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             Error::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             Error::Privilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
