@@ -92,6 +92,22 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
             ))
         })
     };
+    if m.mode != "sync" {
+        // Queue and commit modes: the changes go from the transition tables to the queue in
+        // one INSERT ... SELECT, without passing through this process.
+        if queue_overflowing(&m)? {
+            return Ok(());
+        }
+        let tables = Transition {
+            old: old_name.as_deref(),
+            new: new_name.as_deref(),
+        };
+        let queued = capture_in_sql(&m, td, op, &tables, &need)?;
+        if queued > 0 {
+            crate::delivery::wake_at_commit();
+        }
+        return Ok(());
+    }
     let changes = match op {
         PgTriggerOperation::Truncate => {
             vec![Change::new("t", m.key_pattern.clone(), None).event("t")]
@@ -143,6 +159,169 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
     enqueue(&m, changes)?;
     crate::delivery::wake_at_commit();
     Ok(())
+}
+
+struct Transition<'a> {
+    old: Option<&'a str>,
+    new: Option<&'a str>,
+}
+
+/// Capture of one statement in SQL: the filter is evaluated first as the table's owner (it may
+/// call the owner's functions), giving the ordinals of the rows that pass; then one
+/// `INSERT ... SELECT` from the transition tables fills the queue as the extension's owner. Only
+/// built-in or superuser-made C functions render the values (type output functions cannot be
+/// written in SQL), so running them with the extension's rights grants the owner nothing.
+/// Returns the number of changes queued.
+fn capture_in_sql(
+    m: &Mirror,
+    td: *mut pg_sys::TriggerData,
+    op: PgTriggerOperation,
+    t: &Transition,
+    need: &dyn Fn(&Option<String>, &str) -> Res<String>,
+) -> Res<i64> {
+    use super::template::quote_ident;
+    let key = m.key_sql()?;
+    let stream = m.stream.is_some();
+    let ev = |e: &str| {
+        if stream {
+            format!("'{e}'::\"char\"")
+        } else {
+            "NULL::\"char\"".into()
+        }
+    };
+    let payload = if m.action == "write" || stream {
+        m.payload_sql()
+    } else {
+        "NULL::text".into()
+    };
+    // Ordinals (1-based, in transition-table order) of the new rows that pass the filter.
+    let passing: Option<Vec<i64>> = match (&m.filter, t.new) {
+        (Some(_), Some(new))
+            if !matches!(
+                op,
+                PgTriggerOperation::Delete | PgTriggerOperation::Truncate
+            ) =>
+        {
+            let sql = format!(
+                "SELECT coalesce(array_agg(n), '{{}}') FROM (SELECT row_number() OVER () AS n, {} AS f FROM {} r) x WHERE f",
+                m.filter_sql(),
+                quote_ident(new)
+            );
+            let v = run_as_owner(m, td, &sql, |row| {
+                Ok(row.get::<Vec<i64>>(1)?.unwrap_or_default())
+            })?;
+            Some(v.into_iter().next().unwrap_or_default())
+        }
+        _ => None,
+    };
+    let pass = if passing.is_some() {
+        "nw.n = ANY($2::int8[])"
+    } else {
+        "true"
+    };
+    let new_op = if m.action == "write" {
+        format!("CASE WHEN {pass} THEN 's' ELSE 'd' END::\"char\"")
+    } else {
+        "'d'::\"char\"".to_string()
+    };
+    // (common table expressions, the SELECT that feeds the queue)
+    let (ctes, select) = match op {
+        PgTriggerOperation::Truncate => (
+            String::new(),
+            format!(
+                "SELECT $1, 't'::\"char\", {}, NULL::text, {}, NULL::text",
+                super::template::quote_literal(&m.key_pattern),
+                ev("t")
+            ),
+        ),
+        PgTriggerOperation::Delete => (
+            String::new(),
+            format!(
+                "SELECT $1, 'd'::\"char\", {key}, NULL::text, {}, NULL::text FROM {} r",
+                ev("d"),
+                quote_ident(&need(&t.old.map(str::to_string), "OLD")?)
+            ),
+        ),
+        PgTriggerOperation::Insert => {
+            let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
+            // A new row outside the filter has nothing in Redis: only its event, if any.
+            let (insert_op, keep) = if m.action == "write" {
+                (
+                    format!("CASE WHEN {pass} THEN 's' ELSE 'n' END::\"char\""),
+                    if stream {
+                        "true".to_string()
+                    } else {
+                        pass.to_string()
+                    },
+                )
+            } else {
+                ("'d'::\"char\"".to_string(), "true".to_string())
+            };
+            (
+                format!("nw AS (SELECT row_number() OVER () AS n, {key} AS k, {payload} AS p FROM {new} r), "),
+                format!(
+                    "SELECT $1, {insert_op}, nw.k, nw.p, {}, NULL::text FROM nw WHERE {keep} ORDER BY nw.n",
+                    ev("i")
+                ),
+            )
+        }
+        PgTriggerOperation::Update => {
+            let old = quote_ident(&need(&t.old.map(str::to_string), "OLD")?);
+            let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
+            // Old and new rows come pair by pair in the same order, which gives each new row its
+            // old key. Removed keys first: in a statement that swaps keys, DELs precede writes.
+            (
+                format!(
+                    "o AS (SELECT row_number() OVER () AS n, {key} AS k FROM {old} r), \
+                     nw AS (SELECT row_number() OVER () AS n, {key} AS k, {payload} AS p FROM {new} r), "
+                ),
+                format!(
+                    "SELECT mid, op, k, p, e, ok FROM ( \
+                       SELECT 0 AS part, o.n, $1 AS mid, 'd'::\"char\" AS op, o.k, NULL::text AS p, \
+                              NULL::\"char\" AS e, NULL::text AS ok \
+                         FROM o WHERE NOT EXISTS (SELECT 1 FROM nw WHERE nw.k = o.k) \
+                       UNION ALL \
+                       SELECT 1, nw.n, $1, {new_op}, nw.k, nw.p, {}, \
+                              CASE WHEN o.k IS DISTINCT FROM nw.k THEN o.k END \
+                         FROM nw LEFT JOIN o ON o.n = nw.n \
+                     ) x ORDER BY part, n",
+                    ev("u")
+                ),
+            )
+        }
+    };
+    let sql = format!(
+        "WITH {ctes}ins AS ( \
+           INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) {select} RETURNING id) \
+         SELECT min(id), max(id), count(*) FROM ins"
+    );
+    let args: Vec<pgrx::datum::DatumWithOid> = match &passing {
+        Some(p) => vec![m.id.into(), p.clone().into()],
+        None => vec![m.id.into()],
+    };
+    let table = m.table_name();
+    let (lo, hi, n) = as_role(ext_owner(), true, || {
+        with_render_settings(|| {
+            Spi::connect_mut(|c| {
+                unsafe { pg_sys::SPI_register_trigger_data(td) };
+                let t = c.update(sql.as_str(), Some(1), &args)?;
+                let row = t.first();
+                Ok::<_, pgrx::spi::SpiError>((
+                    row.get::<i64>(1)?,
+                    row.get::<i64>(2)?,
+                    row.get::<i64>(3)?.unwrap_or(0),
+                ))
+            })
+        })
+    })
+    .map_err(|e| Error::Internal(format!("capturing a change of {table}: {e}")))?;
+    if m.mode == "commit" {
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
+            crate::delivery::commit_wait::note_commit_mode(xid, lo, hi);
+        }
+    }
+    Ok(n)
 }
 
 /// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is
