@@ -16,9 +16,7 @@ import time
 import psycopg
 import pytest
 
-from harness import expect_error
-from test_mirror import (assert_redis_equals_table, one, redis_json, scan_keys, stats, wait_idle,
-                         wait_until, loads)
+from test_mirror import assert_redis_equals_table, loads, one, scan_keys, stats, wait_idle, wait_until
 
 
 class Env:
@@ -326,3 +324,21 @@ def test_without_preload_drain_and_backfill_in_session(env):
     assert one(c, "SELECT redis_drain()") == 0
     e.equal("f_np", timeout=0)
     assert stats(c, "f_np")["queue_depth"] == 0
+
+
+def test_worker_waits_quietly_for_the_extension(make_pg, make_redis):
+    """A served database without CREATE EXTENSION yet (every fresh install): the worker must wait
+    quietly, not fail and restart every second filling the log; then mirroring works once created."""
+    rs = make_redis()
+    pg = make_pg(conf_lines=[f"pg_redis.url = '{rs.url}'"])
+    time.sleep(3)
+    log = pg.read_log()
+    errors = [line for line in log.splitlines() if "ERROR:" in line or "exited with exit code" in line]
+    assert not errors, f"{len(errors)} ERROR/exit lines in 3 s before CREATE EXTENSION, e.g. {errors[:2]}"
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        c.execute("CREATE TABLE f_late (id int PRIMARY KEY)")
+        c.execute("SELECT redis_mirror('f_late')")
+        c.execute("INSERT INTO f_late VALUES (1)")
+    rc = rs.client(decode_responses=True)
+    wait_until(lambda: loads(rc.get("f_late:1") or "null") == {"id": 1}, 10, what="delivery after CREATE EXTENSION")

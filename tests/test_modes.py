@@ -72,6 +72,15 @@ def queue_len(conn):
     return one(conn, "SELECT count(*) FROM redis_internal.queue")
 
 
+def wait_for_worker(pg, conn):
+    """Right after CREATE EXTENSION: the worker of a database without the extension exits with an
+    ERROR every second (see test_worker_does_not_crash_loop_without_the_extension) and a commit
+    waits until it is back; let it come back once before measuring anything."""
+    time.sleep(1.2)
+    wait_until(lambda: one(conn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_redis worker'"),
+               10, 0.05, "the pg_redis worker to run")
+
+
 def sync_registry(rc):
     return sorted(rc.scan_iter(match="pg_redis:sync:*", count=1000))
 
@@ -136,6 +145,9 @@ def pg(module_redis):
     """The module cluster, with prepared transactions enabled (PREPARE TRANSACTION tests)."""
     cluster = PgCluster(conf_lines=[f"pg_redis.url = '{module_redis.url}'",
                                     "max_prepared_transactions = 5"])
+    with cluster.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        wait_for_worker(cluster, c)
     yield cluster
     cluster.cleanup()
 
@@ -158,6 +170,7 @@ def env(make_pg, make_redis):
         cluster = make_pg(conf_lines=[f"pg_redis.url = '{srv.url}'", *conf])
         ctx = Ctx(cluster, srv)
         made.append(ctx)
+        wait_for_worker(cluster, ctx.conn)
         return ctx
 
     yield factory
@@ -205,8 +218,9 @@ def test_commit_and_sync_need_the_worker(make_pg, make_redis, pg):
 
 @pytest.mark.parametrize("mode", ["commit", "sync"])
 def test_prepare_transaction_refused(m, mode):
-    t = m.table(f"md_prep_{mode}", "id int PRIMARY KEY, v text", "VALUES (1, 'one')")
+    t = m.table(f"md_prep_{mode}", "id int PRIMARY KEY, v text")
     m.mirror(t, mode=mode)
+    m.conn.execute(f"INSERT INTO {t} VALUES (1, 'one')")
     m.idle()
     assert jget(m.rc, f"{t}:1") == {"id": 1, "v": "one"}
     c = m.conn
@@ -310,8 +324,9 @@ def test_commit_read_your_writes_5000_rows(m):
 
 
 def test_commit_rolled_back_pushes_nothing(m):
-    t = m.table("md_crb", "id int PRIMARY KEY, v text", "VALUES (1, 'one')")
+    t = m.table("md_crb", "id int PRIMARY KEY, v text")
     m.mirror(t, mode="commit")
+    m.conn.execute(f"INSERT INTO {t} VALUES (1, 'one')")
     m.idle()
     c = m.conn
     c.execute("BEGIN")
@@ -603,7 +618,7 @@ def test_sync_redis_down_fails_the_statement(env):
     assert c.execute(f"SELECT id, v FROM {t} ORDER BY id").fetchall() == [(1, "one")], \
         "a sync-mode change committed although Redis was unreachable"
 
-    # stalled Redis (SIGSTOP): the statement fails after pg_redis.command_timeout
+    # stalled Redis (SIGSTOP): the statement fails after pg_redis.command_timeout (a timeout: 57014)
     e.redis.start()
     e.rc = e.redis.client(decode_responses=True)
     c.execute(f"INSERT INTO {t} VALUES (4, 'four')")  # Redis back: works
@@ -612,7 +627,7 @@ def test_sync_redis_down_fails_the_statement(env):
     e.redis.pause()
     try:
         t0 = time.monotonic()
-        expect_error(c, f"INSERT INTO {t} VALUES (5, 'five')", sqlstate="08", prefix="pg_redis:")
+        expect_error(c, f"INSERT INTO {t} VALUES (5, 'five')", sqlstate=["57014", "08"], prefix="pg_redis:")
         took = time.monotonic() - t0
         assert took < 3.0, f"a sync statement against a stalled Redis took {took:.2f}s (command_timeout 500ms)"
     finally:
@@ -636,6 +651,7 @@ def test_sync_backend_killed_keys_repaired_after_restart(env):
     assert jget(e.rc, f"{t}:1") == {"id": 1, "v": "dirty"} and e.rc.exists(f"{t}:4")
     assert not e.rc.exists(f"{t}:2")
     pid = victim.info.backend_pid
+    pos = e.pg.log_position()
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     try:
@@ -646,6 +662,8 @@ def test_sync_backend_killed_keys_repaired_after_restart(env):
         e.conn.close()
     except Exception:  # noqa: BLE001
         pass
+    wait_until(lambda: "ready to accept connections" in e.pg.read_log_since(pos), 30, 0.05,
+               "the postmaster to reinitialize after the SIGKILL")
     e.conn = wait_until(lambda: e.pg.connect(), 30, 0.1, "the cluster to accept connections after the crash")
     expected = {f"{t}:1": {"id": 1, "v": "v1"}, f"{t}:2": {"id": 2, "v": "v2"}, f"{t}:3": {"id": 3, "v": "v3"}}
 
@@ -661,3 +679,82 @@ def test_sync_backend_killed_keys_repaired_after_restart(env):
     # still working afterwards
     e.conn.execute(f"UPDATE {t} SET v = 'later' WHERE id = 3")
     assert jget(e.rc, f"{t}:3") == {"id": 3, "v": "later"}
+
+
+# ----------------------------------------------------------------------------------------
+# Worker-side issues found while testing the modes
+
+
+def test_commit_mode_backfill_does_not_stall_the_worker(env):
+    """The backfill of a commit-mode mirror runs in the worker: its own COMMIT must not wait
+    (pg_redis.commit_wait_timeout) for itself, stalling every delivery and commit-mode COMMIT."""
+    e = env()
+    t = e.table("md_cbf", "id int PRIMARY KEY, v text", "SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    t0 = time.monotonic()
+    assert e.mirror(t, mode="commit") == 100
+    wait_until(lambda: len(list(e.rc.scan_iter(match=f"{t}:*"))) == 100, 15, 0.01, "the backfill of 100 rows")
+    took = time.monotonic() - t0
+    e.idle()
+    t1 = time.monotonic()
+    e.conn.execute(f"INSERT INTO {t} VALUES (1000, 'after')")
+    ins = time.monotonic() - t1
+    log = e.pg.read_log()
+    assert took < 2.0 and ins < 1.0, (
+        f"backfill of a 100-row commit-mode mirror took {took:.2f}s, the next commit {ins:.2f}s; "
+        f"worker waited at its own commit: {'commit_wait_timeout' in log}")
+    assert jget(e.rc, f"{t}:1000") == {"id": 1000, "v": "after"}
+
+
+def test_worker_does_not_crash_loop_without_the_extension(make_pg, make_redis):
+    """A database in pg_redis.databases where CREATE EXTENSION has not run yet: the worker idles.
+    (While it is dead its pid stays registered, so a commit-mode COMMIT waits for nobody.)"""
+    srv = make_redis()
+    cluster = make_pg(conf_lines=[f"pg_redis.url = '{srv.url}'"])
+    time.sleep(2.5)
+    log = cluster.read_log()
+    crashes = log.count('"pg_redis worker" (PID')
+    errors = [ln for ln in log.splitlines() if " ERROR: " in ln]
+    assert crashes == 0, f"the worker exited {crashes} times in 2.5s without the extension: {errors[:2]}"
+
+
+def test_delivery_when_wal_insert_position_is_at_a_page_boundary(make_pg, make_redis):
+    """Delivery flushes the WAL up to the insert position before sending. When that position is
+    exactly at the start of a WAL page, GetXLogInsertRecPtr() points past the page header, beyond
+    the WAL written so far, and XLogFlush fails ('xlog flush request ... is not satisfied'): in
+    the worker that is an exit and restart every second for as long as nothing else writes WAL,
+    and a commit-mode COMMIT waits its full pg_redis.commit_wait_timeout meanwhile. Reproduced
+    deterministically with redis_drain() (no worker), padding the WAL with logical messages."""
+    srv = make_redis()
+    cluster = make_pg(conf_lines=[f"pg_redis.url = '{srv.url}'", "autovacuum = off"], preload=False)
+    rc = srv.client(decode_responses=True)
+    with cluster.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        c.execute("CREATE TABLE md_wal (id int PRIMARY KEY, v text)")
+        c.execute("SELECT redis_mirror('md_wal')")
+        c.execute("INSERT INTO md_wal VALUES (0, 'warm-up')")
+        assert one(c, "SELECT redis_drain()") == 1  # the session's first drain writes some WAL itself
+        c.execute("INSERT INTO md_wal VALUES (1, 'x')")
+
+        def offset():
+            return int(one(c, "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")) % 8192
+
+        def emit(n):
+            c.execute("SELECT pg_logical_emit_message(false, 'p', repeat('x', %s))", (n,))
+
+        # A non-transactional message of n bytes (n > 255, prefix 'p') takes MAXALIGN(56 + n) bytes.
+        for _ in range(10):
+            o = offset()
+            if o == 24:
+                break
+            if 8192 - o - 56 < 300:
+                emit(1000)
+                continue
+            emit(8192 - o - 56)
+        assert offset() == 24, "could not put the WAL insert position at a page boundary"
+        try:
+            delivered = one(c, "SELECT redis_drain()")
+        except psycopg.Error as ex:
+            raise AssertionError(f"redis_drain() with the WAL insert position at a page boundary: "
+                                 f"{ex.sqlstate}: {ex.diag.message_primary}") from None
+        assert delivered == 1
+        assert json.loads(rc.get("md_wal:1")) == {"id": 1, "v": "x"}
