@@ -166,11 +166,12 @@ struct Transition<'a> {
     new: Option<&'a str>,
 }
 
-/// Capture of one statement in SQL: the filter is evaluated first as the table's owner (it may
-/// call the owner's functions), giving the ordinals of the rows that pass; then one
-/// `INSERT ... SELECT` from the transition tables fills the queue as the extension's owner. Only
-/// built-in or superuser-made C functions render the values (type output functions cannot be
-/// written in SQL), so running them with the extension's rights grants the owner nothing.
+/// Capture of one statement in SQL, without copying rows into this process:
+/// 1. as the table's owner (security-restricted, fixed rendering settings), one query over the
+///    transition tables renders every change — keys, JSON, filter verdicts, stream events — into
+///    five arrays, so that the filter, casts and output functions run with the owner's rights;
+/// 2. as the extension's owner, one INSERT unnests those arrays into the queue.
+///
 /// Returns the number of changes queued.
 fn capture_in_sql(
     m: &Mirror,
@@ -179,14 +180,14 @@ fn capture_in_sql(
     t: &Transition,
     need: &dyn Fn(&Option<String>, &str) -> Res<String>,
 ) -> Res<i64> {
-    use super::template::quote_ident;
+    use super::template::{quote_ident, quote_literal};
     let key = m.key_sql()?;
     let stream = m.stream.is_some();
     let ev = |e: &str| {
         if stream {
-            format!("'{e}'::\"char\"")
+            format!("'{e}'")
         } else {
-            "NULL::\"char\"".into()
+            "NULL".into()
         }
     };
     let payload = if m.action == "write" || stream {
@@ -194,127 +195,106 @@ fn capture_in_sql(
     } else {
         "NULL::text".into()
     };
-    // Ordinals (1-based, in transition-table order) of the new rows that pass the filter.
-    let passing: Option<Vec<i64>> = match (&m.filter, t.new) {
-        (Some(_), Some(new))
-            if !matches!(
-                op,
-                PgTriggerOperation::Delete | PgTriggerOperation::Truncate
-            ) =>
-        {
-            let sql = format!(
-                "SELECT coalesce(array_agg(n), '{{}}') FROM (SELECT row_number() OVER () AS n, {} AS f FROM {} r) x WHERE f",
-                m.filter_sql(),
-                quote_ident(new)
-            );
-            let v = run_as_owner(m, td, &sql, |row| {
-                Ok(row.get::<Vec<i64>>(1)?.unwrap_or_default())
-            })?;
-            Some(v.into_iter().next().unwrap_or_default())
-        }
-        _ => None,
-    };
-    let pass = if passing.is_some() {
-        "nw.n = ANY($2::int8[])"
-    } else {
-        "true"
-    };
-    let new_op = if m.action == "write" {
-        format!("CASE WHEN {pass} THEN 's' ELSE 'd' END::\"char\"")
-    } else {
-        "'d'::\"char\"".to_string()
-    };
-    // (common table expressions, the SELECT that feeds the queue)
-    let (ctes, select) = match op {
-        PgTriggerOperation::Truncate => (
-            String::new(),
-            format!(
-                "SELECT $1, 't'::\"char\", {}, NULL::text, {}, NULL::text",
-                super::template::quote_literal(&m.key_pattern),
-                ev("t")
-            ),
+    let pass = m.filter_sql();
+    // Each change as (part, n, op, key, payload, ev, old_key); queued in (part, n) order.
+    let changes = match op {
+        PgTriggerOperation::Truncate => format!(
+            "SELECT 0 AS part, 1::int8 AS n, 't' AS op, {} AS k, NULL::text AS p, {} AS e, NULL::text AS ok",
+            quote_literal(&m.key_pattern),
+            ev("t")
         ),
-        PgTriggerOperation::Delete => (
-            String::new(),
-            format!(
-                "SELECT $1, 'd'::\"char\", {key}, NULL::text, {}, NULL::text FROM {} r",
-                ev("d"),
-                quote_ident(&need(&t.old.map(str::to_string), "OLD")?)
-            ),
+        PgTriggerOperation::Delete => format!(
+            "SELECT 0 AS part, row_number() OVER () AS n, 'd' AS op, {key} AS k, NULL::text AS p, {} AS e, NULL::text AS ok FROM {} r",
+            ev("d"),
+            quote_ident(&need(&t.old.map(str::to_string), "OLD")?)
         ),
         PgTriggerOperation::Insert => {
             let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
             // A new row outside the filter has nothing in Redis: only its event, if any.
             let (insert_op, keep) = if m.action == "write" {
-                (
-                    format!("CASE WHEN {pass} THEN 's' ELSE 'n' END::\"char\""),
-                    if stream {
-                        "true".to_string()
-                    } else {
-                        pass.to_string()
-                    },
-                )
+                ("CASE WHEN nw.f THEN 's' ELSE 'n' END", if stream { "true" } else { "nw.f" })
             } else {
-                ("'d'::\"char\"".to_string(), "true".to_string())
+                ("'d'", "true")
             };
-            (
-                format!("nw AS (SELECT row_number() OVER () AS n, {key} AS k, {payload} AS p FROM {new} r), "),
-                format!(
-                    "SELECT $1, {insert_op}, nw.k, nw.p, {}, NULL::text FROM nw WHERE {keep} ORDER BY nw.n",
-                    ev("i")
-                ),
+            format!(
+                "SELECT 0 AS part, nw.n, {insert_op} AS op, nw.k, nw.p, {} AS e, NULL::text AS ok \
+                   FROM (SELECT row_number() OVER () AS n, {key} AS k, {payload} AS p, {pass} AS f FROM {new} r) nw \
+                  WHERE {keep}",
+                ev("i")
             )
         }
         PgTriggerOperation::Update => {
             let old = quote_ident(&need(&t.old.map(str::to_string), "OLD")?);
             let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
+            let new_op = if m.action == "write" { "CASE WHEN nw.f THEN 's' ELSE 'd' END" } else { "'d'" };
             // Old and new rows come pair by pair in the same order, which gives each new row its
             // old key. Removed keys first: in a statement that swaps keys, DELs precede writes.
-            (
-                format!(
-                    "o AS (SELECT row_number() OVER () AS n, {key} AS k FROM {old} r), \
-                     nw AS (SELECT row_number() OVER () AS n, {key} AS k, {payload} AS p FROM {new} r), "
-                ),
-                format!(
-                    "SELECT mid, op, k, p, e, ok FROM ( \
-                       SELECT 0 AS part, o.n, $1 AS mid, 'd'::\"char\" AS op, o.k, NULL::text AS p, \
-                              NULL::\"char\" AS e, NULL::text AS ok \
-                         FROM o WHERE NOT EXISTS (SELECT 1 FROM nw WHERE nw.k = o.k) \
-                       UNION ALL \
-                       SELECT 1, nw.n, $1, {new_op}, nw.k, nw.p, {}, \
-                              CASE WHEN o.k IS DISTINCT FROM nw.k THEN o.k END \
-                         FROM nw LEFT JOIN o ON o.n = nw.n \
-                     ) x ORDER BY part, n",
-                    ev("u")
-                ),
+            format!(
+                "WITH o AS (SELECT row_number() OVER () AS n, {key} AS k FROM {old} r), \
+                      nw AS (SELECT row_number() OVER () AS n, {key} AS k, {payload} AS p, {pass} AS f FROM {new} r) \
+                 SELECT 0 AS part, o.n, 'd' AS op, o.k, NULL::text AS p, NULL AS e, NULL::text AS ok \
+                   FROM o WHERE NOT EXISTS (SELECT 1 FROM nw WHERE nw.k = o.k) \
+                 UNION ALL \
+                 SELECT 1, nw.n, {new_op}, nw.k, nw.p, {}, CASE WHEN o.k IS DISTINCT FROM nw.k THEN o.k END \
+                   FROM nw LEFT JOIN o ON o.n = nw.n",
+                ev("u")
             )
         }
     };
-    let sql = format!(
-        "WITH {ctes}ins AS ( \
-           INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) {select} RETURNING id) \
-         SELECT min(id), max(id), count(*) FROM ins"
+    let render = format!(
+        "SELECT array_agg(c.op ORDER BY c.part, c.n)::\"char\"[], array_agg(c.k ORDER BY c.part, c.n), \
+                array_agg(c.p ORDER BY c.part, c.n), array_agg(c.e ORDER BY c.part, c.n)::\"char\"[], \
+                array_agg(c.ok ORDER BY c.part, c.n) \
+           FROM ({changes}) c"
     );
-    let args: Vec<pgrx::datum::DatumWithOid> = match &passing {
-        Some(p) => vec![m.id.into(), p.clone().into()],
-        None => vec![m.id.into()],
-    };
+    let insert = "WITH ins AS ( \
+                    INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
+                    SELECT $1, u.o, u.k, u.p, u.e, u.ok \
+                      FROM unnest($2::\"char\"[], $3::text[], $4::text[], $5::\"char\"[], $6::text[]) \
+                           WITH ORDINALITY AS u(o, k, p, e, ok, i) \
+                     ORDER BY u.i \
+                    RETURNING id) \
+                  SELECT min(id), max(id), count(*) FROM ins";
+    let owner = catalog::table_owner(m.tbl)?;
     let table = m.table_name();
-    let (lo, hi, n) = as_role(ext_owner(), true, || {
-        with_render_settings(|| {
-            Spi::connect_mut(|c| {
-                unsafe { pg_sys::SPI_register_trigger_data(td) };
-                let t = c.update(sql.as_str(), Some(1), &args)?;
-                let row = t.first();
-                Ok::<_, pgrx::spi::SpiError>((
-                    row.get::<i64>(1)?,
-                    row.get::<i64>(2)?,
-                    row.get::<i64>(3)?.unwrap_or(0),
-                ))
-            })
+    let err =
+        |e: pgrx::spi::SpiError| Error::Internal(format!("capturing a change of {table}: {e}"));
+    let (lo, hi, n) = with_render_settings(|| {
+        Spi::connect_mut(|c| {
+            unsafe { pg_sys::SPI_register_trigger_data(td) };
+            let rendered =
+                as_role(owner, true, || c.select(render.as_str(), Some(1), &[]))?.first();
+            let arrays: Vec<Option<pg_sys::Datum>> = (1..=5)
+                .map(|i| rendered.get_datum_by_ordinal(i))
+                .collect::<Result<_, _>>()?;
+            if arrays[0].is_none() {
+                return Ok((None, None, 0)); // nothing to queue
+            }
+            // The arrays stay in this SPI connection's memory until it ends.
+            let types = [
+                pg_sys::CHARARRAYOID,
+                pg_sys::TEXTARRAYOID,
+                pg_sys::TEXTARRAYOID,
+                pg_sys::CHARARRAYOID,
+                pg_sys::TEXTARRAYOID,
+            ];
+            let mut args: Vec<pgrx::datum::DatumWithOid> = vec![m.id.into()];
+            for (d, oid) in arrays.into_iter().zip(types) {
+                args.push(match d {
+                    Some(d) => unsafe { pgrx::datum::DatumWithOid::new(d, oid) },
+                    None => pgrx::datum::DatumWithOid::null_oid(oid),
+                });
+            }
+            let t = as_role(ext_owner(), true, || c.update(insert, Some(1), &args))?;
+            let row = t.first();
+            Ok::<_, pgrx::spi::SpiError>((
+                row.get::<i64>(1)?,
+                row.get::<i64>(2)?,
+                row.get::<i64>(3)?.unwrap_or(0),
+            ))
         })
     })
-    .map_err(|e| Error::Internal(format!("capturing a change of {table}: {e}")))?;
+    .map_err(err)?;
     if m.mode == "commit" {
         if let (Some(lo), Some(hi)) = (lo, hi) {
             let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
