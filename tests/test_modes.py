@@ -77,8 +77,12 @@ def wait_for_worker(pg, conn):
     ERROR every second (see test_worker_does_not_crash_loop_without_the_extension) and a commit
     waits until it is back; let it come back once before measuring anything."""
     time.sleep(1.2)
-    wait_until(lambda: one(conn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_redis worker'"),
-               10, 0.05, "the pg_redis worker to run")
+    try:
+        wait_until(lambda: one(conn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_redis worker'"),
+                   10, 0.05, "the pg_redis worker to run")
+    except AssertionError as ex:
+        log = "\n".join(ln for ln in pg.read_log().splitlines() if " UTC [" in ln)
+        raise AssertionError(f"{ex}\n--- server log ---\n{log[-3000:]}") from None
 
 
 def sync_registry(rc):
