@@ -62,7 +62,9 @@ CREATE TABLE redis_internal.mirror_stats (
     last_lag       interval,
     last_error     text,
     last_error_at  timestamptz,
-    redis_rows     bigint,
+    backfill_done  bigint,                   -- figures of the last (or running) backfill
+    backfill_total bigint,
+    redis_rows     bigint,                   -- as of the last backfill or redis_verify
     table_rows     bigint
 );
 

@@ -25,8 +25,8 @@ SELECT m.tbl AS mirror,
        w.worker_state,
        m.state,
        coalesce(d.n, 0) AS dead_letters,
-       coalesce(b.rows_done, CASE WHEN m.state = 'active' THEN s.table_rows END) AS backfill_done,
-       coalesce(b.rows_total, s.table_rows) AS backfill_total,
+       coalesce(b.rows_done, s.backfill_done) AS backfill_done,
+       coalesce(b.rows_total, s.backfill_total) AS backfill_total,
        s.redis_rows,
        s.table_rows
   FROM redis_internal.mirrors m

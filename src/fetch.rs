@@ -32,7 +32,12 @@ fn spi_err(e: pgrx::spi::SpiError) -> Error {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_fetch(tbl: PgRelation, key_values: Option<VariadicArray<'_, &str>>) -> Option<JsonB> {
+fn redis_fetch(
+    tbl: Option<PgRelation>,
+    key_values: Option<VariadicArray<'_, &str>>,
+) -> Option<JsonB> {
+    // NULL table: NULL row, as a STRICT function would answer.
+    let tbl = tbl?;
     let values: Vec<Option<String>> = match &key_values {
         None => vec![],
         Some(a) => a.iter().map(|v| v.map(str::to_string)).collect(),

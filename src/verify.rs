@@ -36,7 +36,7 @@ fn spi_err(e: pgrx::spi::SpiError) -> Error {
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn redis_verify(
-    tbl: PgRelation,
+    tbl: Option<PgRelation>,
     repair: default!(Option<bool>, "false"),
 ) -> TableIterator<
     'static,
@@ -48,6 +48,9 @@ fn redis_verify(
         name!(repaired, i64),
     ),
 > {
+    let Some(tbl) = tbl else {
+        invalid("redis_verify: tbl must not be NULL").raise()
+    };
     let t = verify(tbl.oid(), repair.unwrap_or(false)).or_raise();
     TableIterator::once((t.checked, t.missing, t.stale, t.extra, t.repaired))
 }

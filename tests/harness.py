@@ -303,8 +303,11 @@ class PgCluster:
              input: str | None = None) -> subprocess.CompletedProcess:
         if IS_ROOT:
             cmd = ["runuser", "-u", PG_OS_USER, "--", *cmd]
+        # The server must not inherit RUST_BACKTRACE: pgrx would put a Rust backtrace in the
+        # DETAIL of every error (users never see that).
+        env = {k: v for k, v in os.environ.items() if k not in ("RUST_BACKTRACE", "RUST_LIB_BACKTRACE")}
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
-                           cwd=str(self.dir))
+                           cwd=str(self.dir), env=env)
         if check and p.returncode != 0:
             raise RuntimeError(f"{what} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}\n"
                                f"--- server log tail ---\n{self.read_log()[-3000:]}")

@@ -107,10 +107,29 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
     // Durability: nothing whose commit record could still be lost in a crash goes out.
-    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+    flush_wal();
 
     let results = send(&batch)?;
     settle(&batch, results)
+}
+
+/// Flush the WAL up to everything inserted so far. The insert position points past the page
+/// header when it sits at a page boundary — WAL that does not exist yet, which XLogFlush refuses —
+/// so step back to the boundary then.
+fn flush_wal() {
+    unsafe {
+        let mut upto = pg_sys::GetXLogInsertRecPtr();
+        let page = pg_sys::XLOG_BLCKSZ as u64;
+        let segment = pg_sys::wal_segment_size as u64;
+        let short = std::mem::size_of::<pg_sys::XLogPageHeaderData>() as u64;
+        let long = std::mem::size_of::<pg_sys::XLogLongPageHeaderData>() as u64;
+        if upto % segment == long.next_multiple_of(8) {
+            upto -= long.next_multiple_of(8);
+        } else if upto % page == short.next_multiple_of(8) {
+            upto -= short.next_multiple_of(8);
+        }
+        pg_sys::XLogFlush(upto);
+    }
 }
 
 /// Send the batch; one result per change (Ok, or Redis' error reply). Keyspace-wide deletes
@@ -124,6 +143,8 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
                  results: &mut Vec<std::result::Result<(), String>>|
      -> Result<()> {
         if cmds.is_empty() {
+            // Changes with nothing to send (their mirror is gone) are done all the same.
+            results.extend(pending.drain(..).map(|_| Ok(())));
             return Ok(());
         }
         let what = format!("delivering {} queued changes", pending.len());
@@ -333,6 +354,13 @@ pub fn purge_pattern(pattern: &str) -> Result<i64> {
 /// Record the batch's results: delete what landed (and failures superseded by a later change of
 /// the same key that landed), count attempts, move what failed too often to the dead letters.
 fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Result<Outcome> {
+    if results.len() != batch.len() {
+        return Err(Error::Internal(format!(
+            "delivery: {} results for {} changes",
+            results.len(),
+            batch.len()
+        )));
+    }
     let mut last_ok: HashMap<&str, usize> = HashMap::new();
     for (i, (q, r)) in batch.iter().zip(&results).enumerate() {
         if r.is_ok() {

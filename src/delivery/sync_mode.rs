@@ -191,9 +191,17 @@ fn repair_entry(entry: &str) -> Result<bool> {
     let Some(m) = catalog::by_id(id)? else {
         return Ok(true);
     };
+    queue_current_state(&m, key, true)
+}
+
+/// Queue the committed state of one key of a mirror: its row's value (read FOR SHARE, so that no
+/// change of the row can commit before this one is queued), or a delete when there is no row or
+/// it is outside the filter. With `nowait`, a row locked by a transaction in progress is left
+/// alone (false: try later — its own change will be queued at its COMMIT).
+pub fn queue_current_state(m: &Mirror, key: &str, nowait: bool) -> Result<bool> {
     let parts = m.parts()?;
     let Some(values) = template::invert(&m.key_prefix, &parts, key) else {
-        enqueue(&m, vec![Change::new("d", key.to_string(), None)])?;
+        enqueue(m, vec![Change::new("d", key.to_string(), None)])?;
         return Ok(true);
     };
     let cols = template::columns(&parts);
@@ -208,11 +216,12 @@ fn repair_entry(entry: &str) -> Result<bool> {
         conds.push(format!("r.{} = ${}::{ty}", quote_ident(c), i + 1));
     }
     let sql = format!(
-        "SELECT {}, {} FROM ONLY {} r WHERE {} FOR SHARE OF r NOWAIT",
+        "SELECT {}, {} FROM ONLY {} r WHERE {} FOR SHARE OF r{}",
         m.payload_sql(),
         m.filter_sql(),
         crate::mirror::backfill::qualified(m.tbl)?,
-        conds.join(" AND ")
+        conds.join(" AND "),
+        if nowait { " NOWAIT" } else { "" }
     );
     let owner = catalog::table_owner(m.tbl)?;
     let args: Vec<pgrx::datum::DatumWithOid> = values.into_iter().map(|v| v.into()).collect();
@@ -240,6 +249,6 @@ fn repair_entry(entry: &str) -> Result<bool> {
         }
         Ok(Ok(_)) => Change::new("d", key.to_string(), None),
     };
-    enqueue(&m, vec![change])?;
+    enqueue(m, vec![change])?;
     Ok(true)
 }

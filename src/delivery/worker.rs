@@ -31,7 +31,12 @@ pub fn register_workers() {
 enum Step {
     Busy,
     Idle,
+    /// The extension is not created in this database (yet): nothing to do.
+    NotInstalled,
+    /// Redis could not be reached: back off, and say so in redis_stats.
     RedisDown(Error),
+    /// Redis refused some changes (their errors are in redis_stats already): back off.
+    Refused,
 }
 
 #[pg_guard]
@@ -64,6 +69,9 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         }
         let (step, repaired) = BackgroundWorker::transaction(|| {
             let s = step();
+            if matches!(s, Step::NotInstalled) {
+                return (s, vec![]);
+            }
             // Sync-mode pushes of (sub)transactions that did not commit: repair through the queue.
             let repaired = match super::sync_mode::repair_pending() {
                 Ok(done) => done,
@@ -91,11 +99,17 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
                 // lost; the next wait returns at once if the latch is set.
                 backoff = Duration::from_millis(100);
             }
-            Step::Idle => {
+            Step::Idle | Step::NotInstalled => {
                 backoff = Duration::from_millis(100);
                 if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
                     break;
                 }
+            }
+            Step::Refused => {
+                if !BackgroundWorker::wait_latch(Some(backoff)) {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Step::RedisDown(e) => {
                 BackgroundWorker::transaction(|| deliver::record_connection_error(&e));
@@ -111,6 +125,9 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         s.pid[slot] = 0;
     }
     log!("pg_redis: worker for database \"{db}\" stopped");
+    // Exit code 1: the postmaster restarts the worker (after 1 s) unless the server is shutting
+    // down; with 0 it would never come back after a pg_terminate_backend.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 fn set_down(down: bool) {
@@ -130,7 +147,7 @@ fn step() -> Step {
     .flatten()
     .unwrap_or(false);
     if !installed {
-        return Step::Idle;
+        return Step::NotInstalled;
     }
     let batch = crate::settings::batch_size();
     let delivered = deliver::deliver_batch(batch, false);
@@ -138,7 +155,7 @@ fn step() -> Step {
     set_down(matches!(&delivered, Err(e) if e.is_connection()));
     match delivered {
         Ok(o) if o.claimed >= batch => Step::Busy,
-        Ok(o) if o.failed > 0 => Step::RedisDown(Error::Internal("some changes failed".into())),
+        Ok(o) if o.failed > 0 => Step::Refused,
         Ok(_) => match crate::mirror::backfill::step_any() {
             Ok(true) => Step::Busy,
             Ok(false) => Step::Idle,

@@ -93,6 +93,15 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         return Ok((0, true));
     };
     let end = (next + BLOCKS_PER_STEP).min(total.max(next + 1));
+    // Never wait for the table while holding the backfill's row: a DROP TABLE or a second
+    // redis_mirror holding the table would wait for us in turn (a deadlock). Try again later.
+    let table_sql = qualified(m.tbl)?;
+    let locked = crate::mirror::validate::in_subtransaction(|| {
+        Spi::run(&format!("LOCK TABLE {table_sql} IN ROW SHARE MODE NOWAIT"))
+    });
+    if !matches!(locked, Ok(Ok(()))) {
+        return Ok((0, false));
+    }
     let mut queued = 0i64;
     if next < total && m.action == "write" {
         let sql = format!(
@@ -133,13 +142,28 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
     let done = end >= total;
     as_role(ext_owner(), false, || -> Result<()> {
         if done {
+            // Keep the final figures for redis_stats: a finished backfill covered every row it was
+            // scheduled for (rows changed meanwhile went through the triggers); redis_rows counts
+            // the rows it queued (inside the filter).
+            Spi::run_with_args(
+                "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, backfill_done, backfill_total, redis_rows, table_rows) \
+                 SELECT b.mirror_id, b.rows_total, b.rows_total, b.rows_done + $2, b.rows_total \
+                   FROM redis_internal.backfills b WHERE b.mirror_id = $1 \
+                 ON CONFLICT (mirror_id) DO UPDATE SET backfill_done = excluded.backfill_done, \
+                   backfill_total = excluded.backfill_total, redis_rows = excluded.redis_rows, \
+                   table_rows = excluded.table_rows",
+                &[mirror_id.into(), queued.into()],
+            )
+            .map_err(spi_err)?;
             Spi::run_with_args(
                 "DELETE FROM redis_internal.backfills WHERE mirror_id = $1",
                 &[mirror_id.into()],
             )
             .map_err(spi_err)?;
             Spi::run_with_args(
-                "UPDATE redis_internal.mirrors SET state = 'active' WHERE id = $1 AND state = 'backfilling'",
+                "UPDATE redis_internal.mirrors SET state = 'active' \
+                  WHERE id IN (SELECT id FROM redis_internal.mirrors WHERE id = $1 AND state = 'backfilling' \
+                                  FOR UPDATE SKIP LOCKED)",
                 &[mirror_id.into()],
             )
             .map_err(spi_err)?;

@@ -49,7 +49,34 @@ impl Change {
 fn redis_mirror_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    capture(trigger).or_raise();
+    // Errors raised by PostgreSQL while capturing (a filter that fails, a full disk) are re-raised
+    // with what was being done: the writer sees which mirror refused the write.
+    let relid = trigger.relid().ok();
+    PgTryBuilder::new(|| capture(trigger).or_raise())
+        .catch_others(|e| {
+            let table = relid.map(catalog::relation_name).unwrap_or_default();
+            match e {
+                pg_sys::panic::CaughtError::PostgresError(r) => {
+                    let msg = if r.message().starts_with("pg_redis:") {
+                        r.message().to_string()
+                    } else {
+                        format!("pg_redis: capturing a change of {table}: {}", r.message())
+                    };
+                    let mut report =
+                        pg_sys::panic::ErrorReport::new(r.sql_error_code(), msg, "pg_redis");
+                    if let Some(d) = r.detail() {
+                        report = report.set_detail(d);
+                    }
+                    if let Some(h) = r.hint() {
+                        report = report.set_hint(h);
+                    }
+                    report.report(pgrx::PgLogLevel::ERROR);
+                    unreachable!()
+                }
+                other => other.rethrow(),
+            }
+        })
+        .execute();
     Ok(None)
 }
 

@@ -128,7 +128,8 @@ impl Mirror {
 
     pub fn filter_sql(&self) -> String {
         match &self.filter {
-            Some(f) => format!("coalesce(({f}), false)"),
+            // The newline ends a trailing -- comment in the filter.
+            Some(f) => format!("coalesce(({f}\n), false)"),
             None => "true".into(),
         }
     }

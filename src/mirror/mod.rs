@@ -23,7 +23,7 @@ fn spi_err(e: pgrx::spi::SpiError) -> Error {
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn redis_mirror(
-    tbl: PgRelation,
+    tbl: Option<PgRelation>,
     key_template: default!(Option<&str>, "NULL"),
     format: default!(Option<&str>, "'json'"),
     columns: default!(Option<Vec<Option<String>>>, "NULL"),
@@ -35,7 +35,7 @@ fn redis_mirror(
     backfill: default!(Option<bool>, "true"),
 ) -> i64 {
     mirror(
-        tbl.oid(),
+        tbl.map(|t| t.oid()).unwrap_or(pg_sys::InvalidOid),
         Registration::Call,
         key_template,
         format,
@@ -319,8 +319,10 @@ fn owned_mirror(tbl: pg_sys::Oid, what: &str) -> Result<catalog::Mirror> {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn redis_unmirror(tbl: PgRelation, purge: default!(Option<bool>, "false")) -> bool {
-    let tbl = tbl.oid();
+fn redis_unmirror(tbl: Option<PgRelation>, purge: default!(Option<bool>, "false")) -> bool {
+    let Some(tbl) = tbl.map(|t| t.oid()) else {
+        invalid("redis_unmirror: tbl must not be NULL").raise()
+    };
     (|| -> Result<bool> {
         let m = owned_mirror(tbl, "redis_unmirror")?;
         drop_triggers(tbl, true)?;
@@ -427,18 +429,40 @@ fn redis_retry(tbl: default!(Option<PgRelation>, "NULL")) -> i64 {
             Some(t) => Some(owned_mirror(t, "redis_retry")?.id),
             None => None,
         };
-        let n = as_role(ext_owner(), false, || {
-            Spi::get_one_with_args::<i64>(
-                "WITH moved AS (DELETE FROM redis_internal.dead_letters WHERE $1::int IS NULL OR mirror_id = $1 RETURNING *), \
-                      ins AS (INSERT INTO redis_internal.queue (mirror_id, op, key, payload) \
-                              SELECT mirror_id, op, key, payload FROM moved ORDER BY id RETURNING 1) \
-                 SELECT count(*) FROM ins",
-                &[mirror_id.into()],
-            )
-            .map_err(spi_err)
-        })?;
+        // Dead letters are not replayed with the value they had (newer changes of the key may
+        // have been delivered since): each key gets its row's current state, read now.
+        let letters: Vec<(i32, String, String)> = as_role(ext_owner(), false, || {
+            Spi::connect_mut(|c| {
+                let t = c.update(
+                    "DELETE FROM redis_internal.dead_letters WHERE $1::int IS NULL OR mirror_id = $1 \
+                     RETURNING mirror_id, op::text, key",
+                    None,
+                    &[mirror_id.into()],
+                )?;
+                t.into_iter()
+                    .map(|r| {
+                        Ok((
+                            r.get::<i32>(1)?.unwrap_or_default(),
+                            r.get::<String>(2)?.unwrap_or_default(),
+                            r.get::<String>(3)?.unwrap_or_default(),
+                        ))
+                    })
+                    .collect::<std::result::Result<Vec<_>, pgrx::spi::SpiError>>()
+            })
+        })
+        .map_err(spi_err)?;
+        let mut n = 0i64;
+        for (id, op, key) in letters {
+            let Some(m) = catalog::by_id(id)? else { continue };
+            if op == "t" {
+                capture::enqueue(&m, vec![capture::Change::new("t", key, None)])?;
+            } else {
+                crate::delivery::sync_mode::queue_current_state(&m, &key, false)?;
+            }
+            n += 1;
+        }
         crate::delivery::wake_at_commit();
-        Ok(n.unwrap_or(0))
+        Ok(n)
     })()
     .or_raise()
 }

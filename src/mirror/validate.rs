@@ -155,12 +155,20 @@ pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
     if filter.trim().is_empty() {
         return bad("is empty");
     }
-    let sql = CString::new(format!("SELECT ({filter})"))
+    // Parsed on its own (not wrapped in parentheses), so that text which only becomes an
+    // expression inside parentheses — `x) OR (SELECT ... ` — is refused.
+    let sql = CString::new(format!("SELECT {filter}"))
         .map_err(|_| invalid("redis_mirror: filter contains a NUL byte"))?;
+    // In WHERE, aggregates and window functions are refused by PostgreSQL itself.
     let probe = format!(
-        "SELECT ({filter}) FROM ONLY {} r LIMIT 0",
+        "SELECT 1 FROM ONLY {} r WHERE ({filter}\n) LIMIT 0",
         super::backfill::qualified(relid)?
     );
+    let typecheck = format!(
+        "SELECT ({filter}\n) FROM ONLY {} r LIMIT 0",
+        super::backfill::qualified(relid)?
+    );
+    let owner = super::catalog::table_owner(relid)?;
     let verdict = in_subtransaction(|| unsafe {
         let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         if list.is_null() || (*list).length != 1 {
@@ -173,7 +181,13 @@ pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
         }
         let s = &*(stmt as *mut pg_sys::SelectStmt);
         let len = |l: *mut pg_sys::List| if l.is_null() { 0 } else { (*l).length };
-        let single = len(s.targetList) == 1
+        let target = if len(s.targetList) == 1 {
+            (*(*s.targetList).elements).ptr_value as *mut pg_sys::ResTarget
+        } else {
+            std::ptr::null_mut()
+        };
+        let single = !target.is_null()
+            && (*target).name.is_null()
             && s.fromClause.is_null()
             && s.whereClause.is_null()
             && s.groupClause.is_null()
@@ -194,10 +208,17 @@ pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
                     .to_string(),
             );
         }
-        // Planned against the table, never run: unknown columns and wrong types show here.
-        let typ = Spi::connect(|c| {
-            c.select(&probe, Some(0), &[])
-                .and_then(|t| t.column_type_oid(1))
+        // Planned and started against the table as its owner, in the context capture runs it
+        // in (fixed search_path, restricted), but never run: unknown columns or functions, a
+        // missing privilege, an aggregate and a wrong type all show here.
+        let typ = super::context::as_role(owner, true, || {
+            super::context::with_render_settings(|| {
+                Spi::connect(|c| {
+                    c.select(&probe, Some(0), &[])?;
+                    c.select(&typecheck, Some(0), &[])
+                        .and_then(|t| t.column_type_oid(1))
+                })
+            })
         });
         match typ {
             Ok(t) if t.value() == pg_sys::BOOLOID => None,
