@@ -49,10 +49,13 @@ CREATE FUNCTION redis_internal.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   INSERT INTO redis_internal.queue (mirror_id, op, key)
-  SELECT m.id, 't', m.key_pattern
+  SELECT m.id, x.op, x.key
     FROM redis_internal.mirrors m
     JOIN pg_event_trigger_dropped_objects() d ON d.objid = m.tbl::oid
-   WHERE d.object_type = 'table';
+   CROSS JOIN LATERAL (VALUES ('t'::"char", m.key_pattern),
+                              ('d'::"char", CASE WHEN m.mode = 'sync'   -- the versions of a sync mirror
+                                                 THEN m.key_prefix || 'pg_redis:ver:' || m.id END)) x(op, key)
+   WHERE d.object_type = 'table' AND x.key IS NOT NULL;
   DELETE FROM redis_internal.mirrors m
    USING pg_event_trigger_dropped_objects() d
    WHERE d.objid = m.tbl::oid AND d.object_type = 'table';

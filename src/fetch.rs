@@ -112,7 +112,8 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
     crate::stats::count(m.id, false);
 
     // The table on a miss.
-    let can_fill = m.action == "write" && early;
+    // Invalidate mirrors are filled too: that is what cache-aside readers do.
+    let can_fill = early;
     let mut conds = vec![];
     for (i, c) in placeholders.iter().enumerate() {
         let ty = columns

@@ -51,6 +51,10 @@ extension_sql_file!(
 static WORKER_SHUTDOWN: AtomicBool = AtomicBool::new(false);
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
 
+pub(crate) fn in_worker() -> bool {
+    IN_WORKER.load(Ordering::Relaxed)
+}
+
 pub(crate) fn set_in_worker() {
     IN_WORKER.store(true, Ordering::Relaxed);
 }

@@ -226,7 +226,11 @@ fn read_many<'a>(m: &Mirror, keys: impl Iterator<Item = &'a str>) -> Result<Vec<
             .collect();
         call_pipeline(&Call::new(&what), &cmds)?
             .into_iter()
-            .map(|v| crate::kv::hash_to_json(&what, value::check(&what, v)?))
+            .map(|v| match value::error_text(&v) {
+                // A key of another type (WRONGTYPE): present but wrong, i.e. stale.
+                Some(_) => Ok(Some(Json::Null)),
+                None => crate::kv::hash_to_json(&what, v),
+            })
             .collect()
     } else {
         let reply = value::check(&what, call(&Call::new(&what), cmd("MGET").arg(&keys))?)?;

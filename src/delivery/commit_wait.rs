@@ -97,6 +97,9 @@ pub fn wait_at_commit() {
     let Some((xid, min_id, max_id)) = PENDING.with(|p| p.take()) else {
         return;
     };
+    if crate::in_worker() {
+        return; // the worker never waits for itself (backfills, repairs)
+    }
     NEEDS_WORKER.with(|n| n.set(false));
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let Some((worker, down)) = worker_pid_for(db) else {

@@ -35,6 +35,8 @@ struct Queued {
     ev: Option<String>,
     old_key: Option<String>,
     xid: String,
+    /// Set for sync-mode mirrors: writes carry versions (delivery::versioned).
+    versions: Option<String>,
 }
 
 #[derive(Default, Debug)]
@@ -48,6 +50,10 @@ pub struct Outcome {
 /// at once when another deliverer holds it (worker). Must run inside a transaction.
 pub fn deliver_batch(max: usize, wait_for_lock: bool) -> Result<Outcome> {
     as_role(ext_owner(), false, || deliver_inner(max, wait_for_lock))
+}
+
+fn r_mirror_id(r: &pgrx::spi::SpiHeapTupleData) -> i32 {
+    r.get::<i32>(2).ok().flatten().unwrap_or_default()
 }
 
 fn spi_err(e: pgrx::spi::SpiError) -> Error {
@@ -75,7 +81,8 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
             .select(
                 "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
                         extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
-                        m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text \
+                        m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text, \
+                        CASE WHEN m.mode = 'sync' THEN m.key_prefix END \
                    FROM redis_internal.queue q LEFT JOIN redis_internal.mirrors m ON m.id = q.mirror_id \
                   ORDER BY q.id LIMIT $1",
                 None,
@@ -99,6 +106,10 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                     ev: r.get::<String>(12).map_err(spi_err)?,
                     old_key: r.get::<String>(13).map_err(spi_err)?,
                     xid: r.get::<String>(14).map_err(spi_err)?.unwrap_or_default(),
+                    versions: r
+                        .get::<String>(15)
+                        .map_err(spi_err)?
+                        .map(|p| super::versioned::version_hash(&p, r_mirror_id(&r))),
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -185,6 +196,18 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
 /// The commands for one change. A change whose mirror is gone still deletes (DROP TABLE purge),
 /// but writes nothing.
 fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
+    if let (Some(versions), Some(format), "s" | "d") = (&q.versions, &q.format, q.op.as_str()) {
+        cmds.push(super::versioned::command(
+            &q.key,
+            versions,
+            q.id,
+            &q.op,
+            format,
+            q.payload.as_deref(),
+            q.ttl,
+        ));
+        return;
+    }
     key_commands(
         &q.op,
         q.format.as_deref(),

@@ -5,6 +5,7 @@
 pub mod commit_wait;
 pub mod deliver;
 pub mod sync_mode;
+pub mod versioned;
 pub mod worker;
 
 use pgrx::pg_sys;

@@ -22,7 +22,11 @@ fn registry(prefix: &str, db: u32) -> String {
 }
 
 /// Backend side, from the capture trigger: register, then push, in one round trip.
-pub fn push(m: &Mirror, changes: &[Change]) -> Result<()> {
+pub fn push(
+    m: &Mirror,
+    changes: &[(&'static str, String, Option<String>)],
+    ids: &[i64],
+) -> Result<()> {
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
     let reg = registry(&m.key_prefix, db);
@@ -37,26 +41,30 @@ pub fn push(m: &Mirror, changes: &[Change]) -> Result<()> {
     let mut sadd_k = cmd("SADD");
     sadd_k.arg(&entries);
     let mut any = false;
-    for c in changes.iter().filter(|c| c.op == "s" || c.op == "d") {
-        sadd_k.arg(format!("{}:{}", m.id, c.key));
-        any = true;
+    for (op, key, _) in changes.iter() {
+        if *op == "s" || *op == "d" {
+            sadd_k.arg(format!("{}:{key}", m.id));
+            any = true;
+        }
     }
     if !any {
         return Ok(());
     }
     cmds.push(sadd_k);
-    for c in changes {
-        if c.op == "t" {
+    let versions = crate::delivery::versioned::version_hash(&m.key_prefix, m.id);
+    for ((op, key, payload), id) in changes.iter().zip(ids) {
+        if *op != "s" && *op != "d" {
             continue; // TRUNCATE in sync mode is delivered by the queue after COMMIT
         }
-        crate::delivery::deliver::key_commands(
-            c.op,
-            Some(&m.format),
-            &c.key,
-            c.payload.as_deref(),
+        cmds.push(crate::delivery::versioned::command(
+            key,
+            &versions,
+            *id,
+            op,
+            &m.format,
+            payload.as_deref(),
             m.ttl_seconds,
-            &mut cmds,
-        );
+        ));
     }
     let what = format!(
         "pushing {} changes of {} (sync mode)",

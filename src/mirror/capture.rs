@@ -180,10 +180,13 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
     if queue_overflowing(&m)? {
         return Ok(());
     }
-    if m.mode == "sync" {
-        crate::delivery::sync_mode::push(&m, &changes)?;
-    }
-    enqueue(&m, changes)?;
+    // Sync mode: queue first (the ids are the pushed values' versions), then push.
+    let pushed: Vec<(&'static str, String, Option<String>)> = changes
+        .iter()
+        .map(|c| (c.op, c.key.clone(), c.payload.clone()))
+        .collect();
+    let ids = enqueue(&m, changes)?;
+    crate::delivery::sync_mode::push(&m, &pushed, &ids)?;
     crate::delivery::wake_at_commit();
     Ok(())
 }
@@ -445,9 +448,9 @@ fn run_as_owner<T>(
 }
 
 /// Append changes to the queue, as the extension's owner, in one statement.
-pub fn enqueue(m: &Mirror, changes: Vec<Change>) -> Res<()> {
+pub fn enqueue(m: &Mirror, changes: Vec<Change>) -> Res<Vec<i64>> {
     if changes.is_empty() {
-        return Ok(());
+        return Ok(vec![]);
     }
     let mut ops = Vec::with_capacity(changes.len());
     let mut keys = Vec::with_capacity(changes.len());
@@ -466,23 +469,28 @@ pub fn enqueue(m: &Mirror, changes: Vec<Change>) -> Res<()> {
         old_keys.push(c.old_key);
     }
     let table = m.table_name();
-    let (lo, hi) = as_role(ext_owner(), false, || {
-        Spi::get_two_with_args::<i64, i64>(
+    // Ids are drawn in the order of the changes (ORDER BY the ordinality), so the sorted ids
+    // returned are the changes' ids in order: the sync push uses them as versions.
+    let ids = as_role(ext_owner(), false, || {
+        Spi::get_one_with_args::<Vec<i64>>(
             "WITH ins AS ( \
                INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
                SELECT $1, u.o::\"char\", u.k, u.p, u.e::\"char\", u.ok \
-                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS u(o, k, p, e, ok) \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+                      WITH ORDINALITY AS u(o, k, p, e, ok, i) \
+                ORDER BY u.i \
                RETURNING id) \
-             SELECT min(id), max(id) FROM ins",
-            &[m.id.into(), ops.into(), keys.into(), payloads.into(), evs.into(), old_keys.into()],
+             SELECT array_agg(id ORDER BY id) FROM ins",
+            &[
+                m.id.into(),
+                ops.into(),
+                keys.into(),
+                payloads.into(),
+                evs.into(),
+                old_keys.into(),
+            ],
         )
         .map_err(|e| Error::Internal(format!("queueing changes of {table}: {e}")))
     })?;
-    if m.mode == "commit" {
-        if let (Some(lo), Some(hi)) = (lo, hi) {
-            let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
-            crate::delivery::commit_wait::note_commit_mode(xid, lo, hi);
-        }
-    }
-    Ok(())
+    Ok(ids.unwrap_or_default())
 }

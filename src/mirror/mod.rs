@@ -327,10 +327,12 @@ fn redis_unmirror(tbl: Option<PgRelation>, purge: default!(Option<bool>, "false"
         let m = owned_mirror(tbl, "redis_unmirror")?;
         drop_triggers(tbl, true)?;
         if purge.unwrap_or(false) {
-            capture::enqueue(
-                &m,
-                vec![capture::Change::new("t", m.key_pattern.clone(), None)],
-            )?;
+            let mut purge = vec![capture::Change::new("t", m.key_pattern.clone(), None)];
+            if m.mode == "sync" {
+                let versions = crate::delivery::versioned::version_hash(&m.key_prefix, m.id);
+                purge.push(capture::Change::new("d", versions, None));
+            }
+            capture::enqueue(&m, purge)?;
             crate::delivery::wake_at_commit();
         }
         as_role(ext_owner(), false, || {

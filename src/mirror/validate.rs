@@ -122,6 +122,13 @@ pub fn unique_keys(relid: pg_sys::Oid) -> Result<Vec<Vec<String>>> {
 }
 
 pub fn template(t: &TableInfo, parts: &[Part], keys: &[Vec<String>], template: &str) -> Result<()> {
+    if let Some(Part::Lit(l)) = parts.first() {
+        if l.starts_with("pg_redis:") {
+            return Err(invalid(format!(
+                "redis_mirror: key template \"{template}\" starts with pg_redis:, which is reserved for pg_redis' own keys"
+            )));
+        }
+    }
     let cols = template::columns(parts);
     for c in &cols {
         if !t.columns.iter().any(|x| x == c) {
