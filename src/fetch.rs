@@ -12,7 +12,7 @@
 use crate::error::{invalid, Error, OrRaise, Result};
 use crate::mirror::catalog::{self, Mirror};
 use crate::mirror::context::{as_role, with_render_settings};
-use crate::mirror::template::{quote_ident, quote_literal, Part};
+use crate::mirror::template::{quote_ident, Part};
 use crate::redis::{call, call_pipeline, value, Call};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -53,17 +53,7 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
             "redis_fetch: table {name} is not mirrored"
         )));
     };
-    let may_select = crate::spi_read::one::<bool>(
-        "SELECT pg_catalog.has_table_privilege($1, 'SELECT')",
-        &[relid.into()],
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
-    if !may_select {
-        return Err(Error::Privilege(format!(
-            "redis_fetch: permission denied for table {name}"
-        )));
-    }
+    crate::mirror::validate::require_select(relid, "redis_fetch", &name)?;
     let parts = m.parts()?;
     let placeholders: Vec<&str> = parts
         .iter()
@@ -126,7 +116,7 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
     }
     let sql = format!(
         "SELECT {}, {} FROM ONLY {} r WHERE {}{}",
-        row_json_sql(&m),
+        m.row_json_sql(),
         m.filter_sql(),
         crate::mirror::backfill::qualified(relid)?,
         conds.join(" AND "),
@@ -177,20 +167,6 @@ fn can_fill() -> bool {
         !pg_sys::RecoveryInProgress()
             && !pg_sys::XactReadOnly
             && pg_sys::GetTopTransactionIdIfAny() == pg_sys::InvalidTransactionId
-    }
-}
-
-/// The row as JSON, even for an invalidate mirror (which stores nothing but still returns rows).
-fn row_json_sql(m: &Mirror) -> String {
-    match &m.columns {
-        None => "pg_catalog.row_to_json(r)::text".into(),
-        Some(cols) => {
-            let args: Vec<String> = cols
-                .iter()
-                .map(|c| format!("{}, r.{}", quote_literal(c), quote_ident(c)))
-                .collect();
-            format!("pg_catalog.json_build_object({})::text", args.join(", "))
-        }
     }
 }
 

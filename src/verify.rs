@@ -62,17 +62,7 @@ fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
             "redis_verify: table {name} is not mirrored"
         )));
     };
-    let may = crate::spi_read::one::<bool>(
-        "SELECT pg_catalog.has_table_privilege($1, 'SELECT')",
-        &[relid.into()],
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
-    if !may {
-        return Err(Error::Privilege(format!(
-            "redis_verify: permission denied for table {name}"
-        )));
-    }
+    crate::mirror::validate::require_select(relid, "redis_verify", &name)?;
     if repair {
         let owner = crate::spi_read::one::<bool>("SELECT pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1), 'USAGE')", &[relid.into()])
             .map_err(spi_err)?

@@ -20,30 +20,8 @@ import psycopg
 import pytest
 
 from harness import expect_error
+from helpers import REFERENCE_SETTINGS, MirrorCtx, one, queue_len, wait_for_worker, wait_until  # noqa: F401
 
-REFERENCE_SETTINGS = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
-                      "SET bytea_output = 'hex'; SET extra_float_digits = 1")
-
-
-def wait_until(pred, timeout=10.0, interval=0.01, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001
-            last = e
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-def one(conn, query, params=None):
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, f"{query!r} returned no row"
-    return row[0]
 
 
 def counters(conn, table):
@@ -53,39 +31,7 @@ def counters(conn, table):
     return row
 
 
-class Ctx:
-    def __init__(self, pg, redis_srv):
-        self.pg = pg
-        self.redis = redis_srv
-        self.conn = pg.connect()
-        self.rc = redis_srv.client(decode_responses=True)
-        self.tables = []
-        self.roles = []
-
-    def table(self, name, ddl, rows_sql=None):
-        self.tables.append(name)
-        self.conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
-        self.conn.execute(f"CREATE TABLE {name} ({ddl})")
-        if rows_sql:
-            self.conn.execute(f"INSERT INTO {name} {rows_sql}")
-        return name
-
-    def role(self, name):
-        self.roles.append(name)
-        self.conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-        self.conn.execute(f'CREATE ROLE "{name}" LOGIN')
-        return name
-
-    def mirror(self, table, **kw):
-        args = "".join(f", {k} => %s" for k in kw)
-        return one(self.conn, f"SELECT redis_mirror(%s{args})", (table, *kw.values()))
-
-    def idle(self, timeout=15.0):
-        def done():
-            return (one(self.conn, "SELECT count(*) FROM redis_internal.queue") == 0 and
-                    one(self.conn, "SELECT coalesce(bool_and(state = 'active'), true) FROM redis_stats"))
-        wait_until(done, timeout, 0.02, "backfills done and the queue empty")
-
+class Ctx(MirrorCtx):
     def fetch(self, table, *keys, conn=None):
         c = conn or self.conn
         ph = ", ".join(["%s"] * len(keys))
@@ -96,25 +42,6 @@ class Ctx:
         with self.pg.connect() as c:
             c.execute(REFERENCE_SETTINGS)
             return one(c, f"SELECT row_to_json(t)::jsonb FROM {table} t WHERE {where}")
-
-    def close(self):
-        c = self.conn
-        try:
-            if c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                c.rollback()
-            for t in reversed(self.tables):
-                c.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
-            for r in self.roles:
-                c.execute(f'DROP OWNED BY "{r}" CASCADE')
-                c.execute(f'DROP ROLE IF EXISTS "{r}"')
-            wait_until(lambda: one(c, "SELECT count(*) FROM redis_internal.queue") == 0, 10, 0.05,
-                       "the queue to empty at teardown")
-        except Exception:  # noqa: BLE001 - best effort
-            pass
-        finally:
-            c.close()
-            self.rc.flushall()
-            self.rc.close()
 
 
 @pytest.fixture(scope="module")

@@ -30,30 +30,10 @@ import psycopg
 import pytest
 
 from harness import PgCluster, expect_error
+from helpers import REFERENCE_SETTINGS, MirrorCtx, one, queue_len, wait_for_worker, wait_until  # noqa: F401
 
 # ----------------------------------------------------------------------------------------
 # Local helpers
-
-
-def wait_until(pred, timeout=10.0, interval=0.01, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001 - retried, reported at the timeout
-            last = e
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-def one(conn, query, params=None):
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, f"{query!r} returned no row"
-    return row[0]
 
 
 def jget(rc, key):
@@ -66,10 +46,6 @@ def stats(conn, table):
     row = cur.fetchone()
     assert row is not None, f"no redis_stats row for {table}"
     return dict(zip([c.name for c in cur.description], row))
-
-
-def queue_len(conn):
-    return one(conn, "SELECT count(*) FROM redis_internal.queue")
 
 
 def wait_for_worker(pg, conn):
@@ -94,59 +70,8 @@ def sync_registry(rc):
     return sorted(rc.scan_iter(match="pg_redis:sync:*", count=1000))
 
 
-class Ctx:
+class Ctx(MirrorCtx):
     """A superuser session of a cluster whose worker delivers to `redis_srv`, and that Redis."""
-
-    def __init__(self, pg, redis_srv):
-        self.pg = pg
-        self.redis = redis_srv
-        self.conn = pg.connect()
-        self.conn.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
-        self.rc = redis_srv.client(decode_responses=True)
-        self.tables = []
-
-    def table(self, name, ddl, rows_sql=None):
-        self.tables.append(name)
-        self.conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
-        self.conn.execute(f"CREATE TABLE {name} ({ddl})")
-        if rows_sql:
-            self.conn.execute(f"INSERT INTO {name} {rows_sql}")
-        return name
-
-    def mirror(self, table, **kw):
-        args = ", ".join(f"{k} => %s" for k in kw)
-        q = f"SELECT redis_mirror(%s{', ' if args else ''}{args})"
-        return one(self.conn, q, (table, *kw.values()))
-
-    def idle(self, timeout=15.0):
-        """Every mirror backfilled (state active) and the queue empty."""
-        def done():
-            return (queue_len(self.conn) == 0 and
-                    one(self.conn, "SELECT coalesce(bool_and(state = 'active'), true) FROM redis_stats"))
-        wait_until(done, timeout, 0.02, "backfills done and the queue empty")
-
-    def close(self):
-        try:
-            c = self.conn
-            if c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                c.rollback()
-            for t in reversed(self.tables):
-                c.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
-            wait_until(lambda: queue_len(c) == 0, 10, 0.05, "the queue to empty at teardown")
-            c.execute("RESET ALL")
-        except Exception:  # noqa: BLE001 - best effort, the next test flushes
-            pass
-        finally:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001
-                pass
-            try:
-                if self.redis.running():
-                    self.rc.flushall()
-                self.rc.close()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 @pytest.fixture(scope="module")

@@ -19,53 +19,10 @@ import time
 import psycopg
 import pytest
 
-
-def wait_until(pred, timeout=10.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001
-            last = e
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
+from helpers import REFERENCE_SETTINGS, MirrorCtx, one, queue_len, wait_for_worker, wait_until  # noqa: F401
 
 
-def one(conn, query, params=None):
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, f"{query!r} returned no row"
-    return row[0]
-
-
-class Ctx:
-    def __init__(self, pg, redis_srv):
-        self.pg = pg
-        self.conn = pg.connect()
-        self.rc = redis_srv.client(decode_responses=True)
-        self.tables = []
-
-    def table(self, name, ddl, rows_sql=None):
-        self.tables.append(name)
-        self.conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
-        self.conn.execute(f"CREATE TABLE {name} ({ddl})")
-        if rows_sql:
-            self.conn.execute(f"INSERT INTO {name} {rows_sql}")
-        return name
-
-    def mirror(self, table, **kw):
-        args = "".join(f", {k} => %s" for k in kw)
-        return one(self.conn, f"SELECT redis_mirror(%s{args})", (table, *kw.values()))
-
-    def idle(self, timeout=20.0):
-        def done():
-            return (one(self.conn, "SELECT count(*) FROM redis_internal.queue") == 0 and
-                    one(self.conn, "SELECT coalesce(bool_and(state = 'active'), true) FROM redis_stats"))
-        wait_until(done, timeout, 0.02, "backfills done and the queue empty")
-
+class Ctx(MirrorCtx):
     def events(self, stream):
         return [(eid, fields) for eid, fields in self.rc.xrange(stream)]
 
@@ -79,21 +36,6 @@ class Ctx:
     def xid(self, sql, params=None):
         """Run one statement in autocommit with `RETURNING pg_current_xact_id()`; its xid."""
         return str(one(self.conn, sql + " RETURNING pg_current_xact_id()::text", params))
-
-    def close(self):
-        c = self.conn
-        try:
-            if c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                c.rollback()
-            for t in reversed(self.tables):
-                c.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
-            wait_until(lambda: one(c, "SELECT count(*) FROM redis_internal.queue") == 0, 10, 0.05, "queue empty")
-        except Exception:  # noqa: BLE001 - best effort
-            pass
-        finally:
-            c.close()
-            self.rc.flushall()
-            self.rc.close()
 
 
 @pytest.fixture(scope="module")

@@ -109,11 +109,17 @@ impl Mirror {
         Ok(template::key_sql(&self.key_prefix, &self.parts()?))
     }
 
-    /// JSON of the row: `row_to_json` typing, only the chosen columns.
+    /// What the queue carries as the row: its JSON, unless the mirror only invalidates (and has
+    /// no stream to carry the row in).
     pub fn payload_sql(&self) -> String {
         if self.action == "invalidate" && self.stream.is_none() {
             return "NULL::text".into();
         }
+        self.row_json_sql()
+    }
+
+    /// JSON of the row aliased `r`: `row_to_json` typing, only the chosen columns.
+    pub fn row_json_sql(&self) -> String {
         match &self.columns {
             None => "pg_catalog.row_to_json(r)::text".into(),
             Some(cols) => {

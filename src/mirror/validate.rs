@@ -267,3 +267,20 @@ pub fn in_subtransaction<R>(
         r
     }
 }
+
+/// `redis_fetch` and `redis_verify` read a table's rows for the caller: the caller needs SELECT.
+pub fn require_select(relid: pg_sys::Oid, what: &str, table: &str) -> Result<()> {
+    let may = crate::spi_read::one::<bool>(
+        "SELECT pg_catalog.has_table_privilege($1, 'SELECT')",
+        &[relid.into()],
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    if may {
+        Ok(())
+    } else {
+        Err(Error::Privilege(format!(
+            "{what}: permission denied for table {table}"
+        )))
+    }
+}
