@@ -88,3 +88,13 @@ def make_pg():
     yield factory
     for cluster in made:
         cluster.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ext(pg):
+    """The module's cluster with the extension created and its worker running."""
+    from helpers import wait_for_worker
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
+        wait_for_worker(c)
+    return pg

@@ -78,8 +78,10 @@ class MirrorCtx:
     def idle(self, timeout=20.0):
         """Every mirror backfilled (state active) and the queue empty."""
         def done():
-            return (queue_len(self.conn) == 0 and
-                    one(self.conn, "SELECT coalesce(bool_and(state = 'active'), true) FROM redis_stats"))
+            # One statement, one snapshot: a backfill's last batch is queued in the same
+            # transaction that marks the mirror active.
+            return one(self.conn, "SELECT NOT EXISTS (SELECT 1 FROM redis_internal.queue) "
+                                  "AND (SELECT coalesce(bool_and(state = 'active'), true) FROM redis_stats)")
         wait_until(done, timeout, 0.02, "backfills done and the queue empty")
 
     def keys(self, pattern):

@@ -44,13 +44,6 @@ class Ctx(MirrorCtx):
             return one(c, f"SELECT row_to_json(t)::jsonb FROM {table} t WHERE {where}")
 
 
-@pytest.fixture(scope="module")
-def ext(pg):
-    with pg.connect() as c:
-        c.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
-        wait_until(lambda: one(c, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_redis worker'"),
-                   10, 0.05, "the worker")
-    return pg
 
 
 @pytest.fixture

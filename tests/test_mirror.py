@@ -27,6 +27,7 @@ import psycopg
 import pytest
 
 from harness import expect_error
+from helpers import one, wait_until  # noqa: F401
 
 BAD_ARG = "22023"
 PRIVILEGE = "42501"
@@ -43,29 +44,6 @@ ODD_SETTINGS = ("SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY'; 
 
 # ----------------------------------------------------------------------------------------
 # Helpers (also used by test_mirror_faults.py)
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll pred() until it returns something truthy and return that; fail the test after timeout
-    with the last value (or exception) pred produced."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001 - retried; reported at the timeout
-            last = e
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-def one(conn, query, params=None):
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, f"{query!r} returned no row"
-    return row[0]
 
 
 def loads(text):

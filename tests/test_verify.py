@@ -37,13 +37,6 @@ class Ctx(MirrorCtx):
         return tuple(rows[0])
 
 
-@pytest.fixture(scope="module")
-def ext(pg):
-    with pg.connect() as c:
-        c.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
-        wait_until(lambda: one(c, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_redis worker'"),
-                   10, 0.05, "the worker")
-    return pg
 
 
 @pytest.fixture
