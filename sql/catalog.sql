@@ -55,8 +55,10 @@ CREATE TABLE redis_internal.backfills (
     rows_done    bigint NOT NULL DEFAULT 0
 );
 
+-- No foreign key: the worker writes here while users may drop mirrors, and a lost race must not
+-- fail its batch. Rows of dropped mirrors are deleted with them (views.sql, redis_unmirror).
 CREATE TABLE redis_internal.mirror_stats (
-    mirror_id      int PRIMARY KEY REFERENCES redis_internal.mirrors(id) ON DELETE CASCADE,
+    mirror_id      int PRIMARY KEY,
     delivered      bigint NOT NULL DEFAULT 0,
     failed         bigint NOT NULL DEFAULT 0,
     last_lag       interval,

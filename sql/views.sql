@@ -56,6 +56,9 @@ BEGIN
                               ('d'::"char", CASE WHEN m.mode = 'sync'   -- the versions of a sync mirror
                                                  THEN m.key_prefix || 'pg_redis:ver:' || m.id END)) x(op, key)
    WHERE d.object_type = 'table' AND x.key IS NOT NULL;
+  DELETE FROM redis_internal.mirror_stats s
+   USING redis_internal.mirrors m, pg_event_trigger_dropped_objects() d
+   WHERE s.mirror_id = m.id AND d.objid = m.tbl::oid AND d.object_type = 'table';
   DELETE FROM redis_internal.mirrors m
    USING pg_event_trigger_dropped_objects() d
    WHERE d.objid = m.tbl::oid AND d.object_type = 'table';

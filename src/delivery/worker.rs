@@ -68,17 +68,37 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
             continue;
         }
         let (step, repaired) = BackgroundWorker::transaction(|| {
-            let s = step();
+            // An ERROR inside a step (a lost race with a DROP, a bug) rolls back that step only:
+            // the worker logs it and goes on instead of dying.
+            let s = match crate::mirror::validate::in_subtransaction(step) {
+                Ok(s) => s,
+                Err(msg) => {
+                    warning!(
+                        "pg_redis: delivery step failed: {}",
+                        crate::error::redact(&msg)
+                    );
+                    return (Step::Refused, vec![]);
+                }
+            };
             if matches!(s, Step::NotInstalled) {
                 return (s, vec![]);
             }
             // Sync-mode pushes of (sub)transactions that did not commit: repair through the queue.
-            let repaired = match super::sync_mode::repair_pending() {
-                Ok(done) => done,
-                Err(e) => {
+            let repaired = match crate::mirror::validate::in_subtransaction(
+                super::sync_mode::repair_pending,
+            ) {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => {
                     if !e.is_connection() {
                         warning!("{}", crate::error::redact(&e.to_string()));
                     }
+                    vec![]
+                }
+                Err(msg) => {
+                    warning!(
+                        "pg_redis: sync repair failed: {}",
+                        crate::error::redact(&msg)
+                    );
                     vec![]
                 }
             };

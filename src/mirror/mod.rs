@@ -337,7 +337,8 @@ fn redis_unmirror(tbl: Option<PgRelation>, purge: default!(Option<bool>, "false"
         }
         as_role(ext_owner(), false, || {
             Spi::run_with_args(
-                "DELETE FROM redis_internal.mirrors WHERE id = $1",
+                "WITH s AS (DELETE FROM redis_internal.mirror_stats WHERE mirror_id = $1) \
+                 DELETE FROM redis_internal.mirrors WHERE id = $1",
                 &[m.id.into()],
             )
             .map_err(spi_err)
