@@ -1216,7 +1216,7 @@ def test_drop_or_unmirror_right_after_mirror_never_fails(m):
                 break
     assert not errors, f"{len(errors)} of 30 failed:\n" + "\n".join(errors[:3])
     try:
-        wait_until(lambda: scan_keys(m.rc, "mx_race*") == [], 10, what="every key purged")
+        wait_until(lambda: scan_keys(m.rc, "mx_race*") == [], 30, what="every key purged")
     except AssertionError:
         left = scan_keys(m.rc, "mx_race*")
         mirrors = m.conn.execute("SELECT mirror::text, state FROM redis_mirrors WHERE mirror::text LIKE 'mx_race%'").fetchall()

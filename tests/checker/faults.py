@@ -160,18 +160,35 @@ class FaultRunner(threading.Thread):
         sb = env.standby
         if sb is None:
             raise RuntimeError("no standby to fail over to")
+        held = ""
+        if getattr(env, "standby_mode", None) == "async":
+            # Replication falls behind (a slow network): the walreceiver is held for 1.5 s while the
+            # primary goes on committing (asynchronously) and its worker delivering; then the crash.
+            import os
+            import signal
+            wr = sb.sql("SELECT pid FROM pg_stat_wal_receiver")
+            if wr and wr[0][0]:
+                os.kill(wr[0][0], signal.SIGSTOP)
+                time.sleep(1.5)
+                held = f"walreceiver {wr[0][0]} held (SIGSTOP) for 1.5 s before the crash; "
+                env.held_walreceiver = wr[0][0]
         lag = None
         with contextlib.suppress(Exception):
             lag = old.sql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, sync_state "
                           "FROM pg_stat_replication")
         old.crash()
         t = time.monotonic()
+        if getattr(env, "held_walreceiver", None):
+            import os
+            import signal
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(env.held_walreceiver, signal.SIGCONT)
         time.sleep(f.length)
         sb.promote()
         env.pg.target = sb
         env.standby = None
         env.old_primaries.append(old)
-        return (f"primary crashed and left down (standby replay lag then: {lag}); standby promoted "
+        return (f"{held}primary crashed and left down (standby replay lag then: {lag}); standby promoted "
                 f"{time.monotonic() - t:.2f}s later, postmaster {sb.postmaster_pid()}")
 
     _redis_oom = _oom

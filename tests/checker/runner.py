@@ -60,6 +60,7 @@ class Result:
     invalid: bool = False                                # the extension was reinstalled during the run
     injected: list = field(default_factory=list)         # (table, key, kind) corrupted on purpose
     control_ok: bool | None = None                       # with inject: found exactly what was injected
+    retry_diffs: list = field(default_factory=list)      # differences left by redis_retry (before repair)
 
     def summary(self) -> str:
         return "\n".join(self.report)
@@ -331,6 +332,7 @@ def run(opts: Options) -> Result:
         if sched.standby:
             standby = Standby(primary)
             env.standby = standby
+            env.standby_mode = sched.standby
             standby.wait_streaming(primary)
             if sched.standby == "sync":
                 primary.set_conf(["synchronous_standby_names = '*'"])
@@ -411,7 +413,8 @@ def run(opts: Options) -> Result:
                     f"change); running redis_verify(tbl, true) as docs/reference.md says")
                 for d in diffs[:10]:
                     say(f"   {d}")
-                res.notes.append(f"redis_retry left {len(diffs)} stale/extra keys (re-applied old values)")
+                res.notes.append(f"redis_retry left {len(diffs)} keys different from the table")
+                res.retry_diffs = list(diffs)
                 for t in tables:
                     c.execute("SELECT * FROM redis_verify(%s::regclass, true)", (t.name,)).fetchall()
                 quiet, why = wait_quiet(env, rc, opts.settle, log)
@@ -556,6 +559,12 @@ def run(opts: Options) -> Result:
         say(f"== {'OK' if res.ok else ('INVALID' if res.invalid else 'FAILED')}: " + (", ".join(f"{k} {v}" for k, v in res.numbers.items())))
         for f in res.failures:
             say(f"   FAILURE: {f}")
+        if res.retry_diffs and tracer is not None:
+            say("-- Redis history of keys that redis_retry left different (MONITOR; run clock)")
+            for d in res.retry_diffs[:4]:
+                say(f"   {d.table} {d.key!r} ({d.kind}{', ' + d.info if d.info else ''}):")
+                for ln in key_history(art / "redis-monitor.txt", d.key, wall_t0):
+                    say(f"      {ln}")
         if not res.ok:
             if tracer is not None and diffs:
                 stop_trace.set()
@@ -581,7 +590,8 @@ def run(opts: Options) -> Result:
                 (art / "postgresql-standby.log").write_text(standby.read_log())
             (art / "redis.log").write_text(redis.read_log())
             (art / "report.txt").write_text("\n".join(log.lines + [""] + out) + "\n")
-        if res.ok and not opts.keep:
+        keep_art = opts.keep or not res.ok or any("redis_retry left" in n for n in res.notes)
+        if not keep_art:
             shutil.rmtree(art, ignore_errors=True)
         else:
             print(f"artifacts (server logs, Redis MONITOR trace, report): {art}", flush=True)

@@ -106,8 +106,9 @@ SCHEDULES: dict[str, Schedule] = {s.name: s for s in [
              "the primary crashed under load and the standby promoted; Redis must equal the promoted "
              "database", kinds=[], fixed=["redis_pause", "client_kill", "failover", "redis_kill", "pg_crash",
                                           "client_kill"], repeat=False, gap=(2.0, 4.0), standby="sync"),
-    Schedule("failover-async", "as failover, with asynchronous streaming replication (the default): the old "
-             "primary's worker may have delivered commits the standby never received", kinds=[],
+    Schedule("failover-async", "as failover, with asynchronous streaming replication (the default), the "
+             "standby's walreceiver held 1.5 s before the crash: the old primary's worker may have delivered "
+             "commits the standby never received", kinds=[],
              fixed=["redis_pause", "failover", "redis_kill", "pg_crash"], repeat=False, gap=(2.0, 4.0),
              standby="async", first_at=8.0),
     Schedule("ci", "short fixed sequence for CI: one fault of each kind", kinds=ALL_KINDS, gap=(1.0, 2.0),
