@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 const BLOCKS_PER_BATCH: i64 = 64;
 
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     checked: i64,
     missing: i64,
     stale: i64,
@@ -55,7 +55,7 @@ fn redis_verify(
     TableIterator::once((t.checked, t.missing, t.stale, t.extra, t.repaired))
 }
 
-fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
+pub(crate) fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
     let name = catalog::relation_name(relid);
     let Some(m) = catalog::by_table(relid)? else {
         return Err(invalid(format!(

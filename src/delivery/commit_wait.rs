@@ -107,7 +107,9 @@ pub fn wait_at_commit() {
         return;
     };
     if down {
-        return; // Redis is known down: the queue delivers later, the commit does not wait
+        // Redis is known down: the commit does not wait, the queue delivers later.
+        warning!("pg_redis: Redis is unreachable: the committed changes wait in the queue (see redis_stats.last_error)");
+        return;
     }
     let me = unsafe { pg_sys::MyProcPid };
     let slot = {
@@ -136,6 +138,7 @@ pub fn wait_at_commit() {
             break WAITING;
         }
         if worker_pid_for(db).is_none_or(|(_, down)| down) {
+            warning!("pg_redis: Redis became unreachable: the committed changes wait in the queue (see redis_stats.last_error)");
             break WAITING;
         }
         let left = timeout.saturating_sub(start.elapsed());

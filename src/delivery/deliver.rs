@@ -26,7 +26,6 @@ struct Queued {
     op: String,
     key: String,
     payload: Option<String>,
-    attempts: i32,
     format: Option<String>,
     ttl: Option<i32>,
     age_ms: f64,
@@ -97,7 +96,6 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                     op: r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
                     key: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
                     payload: r.get::<String>(5).map_err(spi_err)?,
-                    attempts: r.get::<i32>(6).map_err(spi_err)?.unwrap_or_default(),
                     format: r.get::<String>(7).map_err(spi_err)?,
                     ttl: r.get::<i32>(8).map_err(spi_err)?,
                     age_ms: r.get::<f64>(9).map_err(spi_err)?.unwrap_or_default(),
@@ -393,6 +391,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
     let mut done: Vec<i64> = vec![];
     let mut failed_ids: Vec<i64> = vec![];
     let mut failed_errs: Vec<String> = vec![];
+    let mut transient_failures = 0usize;
     let mut per_mirror: HashMap<i32, (i64, i64, f64, Option<String>)> = HashMap::new();
     for (i, (q, r)) in batch.iter().zip(results).enumerate() {
         let s = per_mirror.entry(q.mirror_id).or_insert((0, 0, 0.0, None));
@@ -404,18 +403,23 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             }
             Err(_) if last_ok.get(q.key.as_str()).is_some_and(|&j| j > i) => done.push(q.id),
             Err(e) => {
-                failed_ids.push(q.id);
                 s.1 += 1;
                 s.3 = Some(format!(
                     "{} {:?}: {e}",
                     if q.op == "s" { "SET" } else { "DEL" },
                     q.key
                 ));
-                failed_errs.push(e);
+                // Redis busy loading, failing over or scripting: not the change's fault, so no
+                // attempt is counted (the worker backs off as for a connection failure).
+                if transient(&e) {
+                    transient_failures += 1;
+                } else {
+                    failed_ids.push(q.id);
+                    failed_errs.push(e);
+                }
             }
         }
     }
-    let _ = batch.iter().map(|q| q.attempts).max();
     Spi::run_with_args(
         "DELETE FROM redis_internal.queue WHERE id = ANY($1)",
         &[done.clone().into()],
@@ -452,8 +456,22 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
     Ok(Outcome {
         claimed: batch.len(),
         delivered: done.len(),
-        failed: failed_ids.len(),
+        failed: failed_ids.len() + transient_failures,
     })
+}
+
+/// Error replies that say "not now" rather than "never".
+fn transient(reply: &str) -> bool {
+    [
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "READONLY",
+    ]
+    .iter()
+    .any(|p| reply.starts_with(p))
 }
 
 /// Note a failure to reach Redis in every mirror's stats (the queue keeps the changes).

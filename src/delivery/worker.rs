@@ -126,14 +126,14 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
                 }
             }
             Step::Refused => {
-                if !BackgroundWorker::wait_latch(Some(backoff)) {
+                if !pause(backoff) {
                     break;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Step::RedisDown(e) => {
                 BackgroundWorker::transaction(|| deliver::record_connection_error(&e));
-                if !BackgroundWorker::wait_latch(Some(backoff)) {
+                if !pause(backoff) {
                     break;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -148,6 +148,21 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
     // Exit code 1: the postmaster restarts the worker (after 1 s) unless the server is shutting
     // down; with 0 it would never come back after a pg_terminate_backend.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Back off for the whole period: commits keep setting the latch, and waking at each of them
+/// would retry (and count failed attempts) as fast as the application writes. False on SIGTERM.
+fn pause(period: Duration) -> bool {
+    let until = std::time::Instant::now() + period;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        if !BackgroundWorker::wait_latch(Some(left)) {
+            return false;
+        }
+    }
 }
 
 fn set_down(down: bool) {

@@ -458,7 +458,9 @@ fn redis_retry(tbl: default!(Option<PgRelation>, "NULL")) -> i64 {
         for (id, op, key) in letters {
             let Some(m) = catalog::by_id(id)? else { continue };
             if op == "t" {
-                capture::enqueue(&m, vec![capture::Change::new("t", key, None)])?;
+                // A TRUNCATE replayed now would also delete the rows written since: instead,
+                // make Redis equal the table (delete the keys without a row, write the rest).
+                crate::verify::verify(m.tbl, true)?;
             } else {
                 crate::delivery::sync_mode::queue_current_state(&m, &key, false)?;
             }

@@ -590,7 +590,8 @@ def run(opts: Options) -> Result:
                 (art / "postgresql-standby.log").write_text(standby.read_log())
             (art / "redis.log").write_text(redis.read_log())
             (art / "report.txt").write_text("\n".join(log.lines + [""] + out) + "\n")
-        keep_art = opts.keep or not res.ok or any("redis_retry left" in n for n in res.notes)
+        keep_art = (opts.keep or (not res.ok and not (opts.inject and res.control_ok and not res.invalid))
+                    or any("redis_retry left" in n for n in res.notes))
         if not keep_art:
             shutil.rmtree(art, ignore_errors=True)
         else:
