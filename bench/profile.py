@@ -115,8 +115,7 @@ def main():
     finally:
         b.pg.cleanup()
         b.redis.cleanup()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

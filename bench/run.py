@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -454,7 +453,7 @@ def drain_backlog(b: Bench, t: str, n: int, vacuum=True):
     b.ex("CHECKPOINT")
     b.redis.start()
     t0 = time.monotonic()
-    b.ex(f"INSERT INTO {t} (name, email, n) VALUES ('kick', NULL, 0)")  # wakes the worker at once
+    b.ex(f"INSERT INTO {t} (name, email, n) VALUES ('kick', NULL, 0)")  # one more change, committed with Redis up
     pts = [(0.0, 0)]
     while True:
         k = b.r.dbsize()
@@ -469,11 +468,19 @@ def drain_backlog(b: Bench, t: str, n: int, vacuum=True):
     return pts
 
 
+def drain_rate(pts):
+    """(changes/s from the first key in Redis to the last, seconds until the first key): the worker
+    backs off while Redis is down (up to 5 s between attempts), which is not delivery speed."""
+    first = next(tt for tt, k in pts if k > 0)
+    before = max(k for tt, k in pts if tt < first) if any(tt < first for tt, _ in pts) else 0
+    return (pts[-1][1] - before) / max(pts[-1][0] - first, 1e-6), first
+
+
 def case_p3(b: Bench):
     n = 200_000 if b.quick else 1_000_000
     t = b.make_table("p3", mirror="queue")
     res = {"redis-benchmark": [], "drain": []}
-    series = []
+    series, firsts = [], []
     for pair in range(b.pairs):
         for v in order(pair, ["redis-benchmark", "drain"]):
             if v == "redis-benchmark":
@@ -484,17 +491,18 @@ def case_p3(b: Bench):
                 log(f"P3 pair {pair} redis-benchmark -P 100 SET: {rps:,.0f}/s")
                 continue
             pts = drain_backlog(b, t, n)
-            dt = pts[-1][0]
-            res[v].append((n + 1) / dt)
-            series.append(pts)
+            rate, first = drain_rate(pts)
+            res[v].append(rate)
+            firsts.append(first)
+            series.append([(tt - first, k) for tt, k in pts if tt >= first])
             a10 = next(p for p in pts if p[1] >= 0.1 * n)
             a90 = next(p for p in pts if p[1] >= 0.9 * n)
-            log(f"P3 pair {pair} drain of {n + 1} changes: {dt:.2f}s = {(n + 1) / dt:,.0f}/s "
-                f"(10-90 %: {0.8 * n / max(a90[0] - a10[0], 1e-6):,.0f}/s)")
+            log(f"P3 pair {pair} drain of {n + 1} changes: {pts[-1][0] - first:.2f}s = {rate:,.0f}/s "
+                f"(10-90 %: {0.8 * n / max(a90[0] - a10[0], 1e-6):,.0f}/s; first key {first:.2f}s after Redis "
+                "was back)")
     # Once more right after a drain, without VACUUM: the queue's index still holds the previous
     # backlog's deleted entries, as when autovacuum has not caught up yet.
-    pts = drain_backlog(b, t, n, vacuum=False)
-    unvac = (n + 1) / pts[-1][0]
+    unvac, _ = drain_rate(drain_backlog(b, t, n, vacuum=False))
     log(f"P3 drain without VACUUM after the previous one: {unvac:,.0f}/s")
     b.plots["p3"] = series
     b.add(Row("P3", f"worker drain of a {n:,}-change backlog (Redis stopped, changes committed, Redis "
@@ -504,7 +512,7 @@ def case_p3(b: Bench):
               note=f"the queue is vacuumed before each timed drain; one more drain right after the last one, "
                    f"without VACUUM in between (the index still holding the previous backlog's {n:,} "
                    f"deleted entries, as when autovacuum lags), ran at {unvac:,.0f} changes/s.",
-              extra={"unvacuumed_drain_changes_per_s": unvac}))
+              extra={"unvacuumed_drain_changes_per_s": unvac, "seconds_to_first_key": firsts}))
     b.reset_table(t)
     b.ex(f"DROP TABLE {t}")
     b.wait_idle()
@@ -799,6 +807,9 @@ def write_report(b: Bench, args, path: Path, started: float, load_start: str, ma
     if notes:
         L.append("## Notes")
         L.append("")
+        L.append(f"The \"what limits it\" lines come from perf profiles (`bench/profile.py WORKLOAD`) taken on "
+                 f"{PROFILED}; rerun it after changing the code.")
+        L.append("")
         for r in notes:
             if NOTES.get(r.case):
                 L.append(f"- **{r.case}**: {NOTES[r.case]}")
@@ -857,7 +868,8 @@ def write_report(b: Bench, args, path: Path, started: float, load_start: str, ma
         L.append("## Plots")
         L.append("")
         if "p3" in b.plots:
-            L.append("Keys in Redis during the P3 drain (each dot a DBSIZE poll, one line per run):")
+            L.append("Keys in Redis during the P3 drains (a DBSIZE poll every 20 ms; a, b, c = the first, second, "
+                     "third timed drain):")
             L.append("")
             L.append("```")
             L.extend(ascii_series(b.plots["p3"]))
@@ -900,14 +912,17 @@ def ascii_series(series, width=60, height=12):
 NOTES = {
     "P1 outbox": "the outbox table is never consumed here, so this is the capture cost alone; "
                  "pg_redis' B includes its worker delivering to Redis on the same two cores.",
-    "P3": "the time runs from Redis answering again (and one committed change waking the worker) "
-          "until the last key is in Redis; the baseline is Redis' own pipelined SET rate (50 "
+    "P3": "the rate runs from the first key of the backlog in Redis to the last (the worker's back-off "
+          "while Redis was down, up to 5 s, is left out; the seconds until the first key are in the raw "
+          "samples); the baseline is Redis' own pipelined SET rate (50 "
           "clients, one 3-byte value on one key), an upper bound no deliverer through one connection "
           "reaches.",
     "P4 p50": "latency = the time a keyspace-notification subscriber (redis-py, same machine) receives "
               "the key's `set` event minus `clock_timestamp()` taken in the INSERT (so it includes the "
               "rest of the statement, the capture trigger and COMMIT).",
 }
+
+PROFILED = "2026-11-25 with the release build of commit d340f32 (capture and delivery as in b80f202)"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
@@ -963,8 +978,8 @@ HOW = [
     "(autocommit, so COMMIT included); after a mirrored run the queue drains (Redis running) before "
     "the table is truncated.",
     "- **P3**: queue vacuumed, Redis stopped, N changes committed (one INSERT ... SELECT into a mirrored "
-    "table), `CHECKPOINT`, Redis started; one more committed row wakes the worker; DBSIZE polled every 20 ms "
-    "until all N + 1 keys are there.",
+    "table), `CHECKPOINT`, Redis started; one more committed row; DBSIZE polled every 20 ms "
+    "until all N + 1 keys are there; the rate counts from the first key to the last.",
     "- **P1 app**: the seed's approach, for comparison: two Python processes each looping "
     "`INSERT ... RETURNING row_to_json(t)` (psycopg, prepared) then `SET t:id json` (redis-py), vs the same "
     "loop without the SET.",
