@@ -285,10 +285,11 @@ fn capture_in_sql(
                      ORDER BY u.i \
                     RETURNING id) \
                   SELECT min(id), max(id), count(*) FROM ins";
-    let owner = catalog::table_owner(m.tbl)?;
-    let table = m.table_name();
-    let err =
-        |e: pgrx::spi::SpiError| Error::Internal(format!("capturing a change of {table}: {e}"));
+    let owner = m.owner;
+    // The table's name is looked up only for a message: not on every statement.
+    let err = |e: pgrx::spi::SpiError| {
+        Error::Internal(format!("capturing a change of {}: {e}", m.table_name()))
+    };
     let (lo, hi, n) = with_render_settings(|| {
         Spi::connect_mut(|c| {
             unsafe { pg_sys::SPI_register_trigger_data(td) };
@@ -337,6 +338,19 @@ fn capture_in_sql(
 /// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is
 /// marked `needs_resync`; `redis_resync` brings Redis back in step once the queue has drained.
 fn queue_overflowing(m: &Mirror) -> Res<bool> {
+    // The queue's size is read at most once a second per backend (it costs file-system calls);
+    // max_queue_size is a limit to stop runaway growth, not an exact quota.
+    thread_local! {
+        static LAST_CHECK: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = std::time::Instant::now();
+    if LAST_CHECK
+        .with(|c| c.get())
+        .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+    {
+        return Ok(false);
+    }
+    LAST_CHECK.with(|c| c.set(Some(now)));
     let limit = crate::settings::max_queue_size_bytes();
     let size = as_role(ext_owner(), false, || {
         Spi::get_one::<i64>(

@@ -20,12 +20,15 @@ pub struct Mirror {
     pub filter: Option<String>,
     pub stream: Option<String>,
     pub mode: String,
+    /// The table's owner, who renders its rows and runs its filter.
+    pub owner: pg_sys::Oid,
     pub state: String,
     pub key_pattern: String,
 }
 
 const COLS: &str =
-    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream, mode";
+    "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream, mode, \
+     (SELECT relowner FROM pg_catalog.pg_class WHERE oid = tbl)";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -46,6 +49,10 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
         ttl_seconds: row.get::<i32>(11).map_err(e)?,
         stream: row.get::<String>(12).map_err(e)?,
         mode: row.get::<String>(13).map_err(e)?.unwrap_or_default(),
+        owner: row
+            .get::<pg_sys::Oid>(14)
+            .map_err(e)?
+            .unwrap_or(pg_sys::InvalidOid),
     })
 }
 
