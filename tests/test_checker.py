@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
 
 from checker import Options, run
 
 
-@pytest.mark.xfail(
-    reason="open bug (issue 6): after a Redis OOM period followed by a pause, keys of rows deleted "
-    "meanwhile can stay in Redis ('extra'); reproducible with this seed — see the session note",
-    strict=False,
-)
 def test_history_checker_ci_schedule():
     seed = int(os.environ.get("PG_REDIS_CHECKER_SEED", "20240601"))
     schedule = os.environ.get("PG_REDIS_CHECKER_SCHEDULE", "ci")

@@ -290,6 +290,28 @@ def test_dead_letter_retry_does_not_regress_a_key(env):
     e.equal("f_dl")
 
 
+def test_truncate_supersedes_writes_redis_refused(env):
+    """Writes refused (OOM) then a TRUNCATE that lands: once Redis has room again, the refused
+    writes must not come back (found by the history checker: keys of truncated rows reappeared)."""
+    e = env(conf=["pg_redis.max_attempts = 1000"])
+    c = e.conn
+    c.execute("CREATE TABLE f_tr (id int PRIMARY KEY, v text)")
+    c.execute("SELECT redis_mirror('f_tr')")
+    e.rc.config_set("maxmemory-policy", "noeviction")
+    e.rc.config_set("maxmemory", "1")
+    c.execute("INSERT INTO f_tr SELECT g, 'refused' FROM generate_series(1, 20) g")
+    wait_until(lambda: stats(c, "f_tr")["failed"] >= 20, 10, 0.05, what="the writes refused")
+    c.execute("TRUNCATE f_tr")
+    wait_until(lambda: stats(c, "f_tr")["queue_depth"] == 0, 10, 0.05,
+               what="the TRUNCATE delivered and the refused writes before it dropped")
+    e.rc.config_set("maxmemory", "0")
+    c.execute("INSERT INTO f_tr VALUES (100, 'after')")
+    wait_until(lambda: e.rc.exists("f_tr:100"), 10, what="a write after the TRUNCATE")
+    time.sleep(0.5)
+    assert scan_keys(e.rc, "f_tr:*") == ["f_tr:100"]
+    e.equal("f_tr")
+
+
 def test_without_preload_drain_and_backfill_in_session(env):
     e = env(preload=False)
     c = e.conn

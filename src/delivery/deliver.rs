@@ -382,12 +382,23 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             batch.len()
         )));
     }
+    // A failed change is superseded by a later change of its key that landed, or by a later
+    // keyspace-wide delete of its mirror (TRUNCATE, re-key) that landed: retrying it afterwards
+    // would bring back a key the later change removed.
     let mut last_ok: HashMap<&str, usize> = HashMap::new();
+    let mut last_purge: HashMap<i32, usize> = HashMap::new();
     for (i, (q, r)) in batch.iter().zip(&results).enumerate() {
         if r.is_ok() {
             last_ok.insert(q.key.as_str(), i);
+            if q.op == "t" {
+                last_purge.insert(q.mirror_id, i);
+            }
         }
     }
+    let superseded = |i: usize, q: &Queued| {
+        last_ok.get(q.key.as_str()).is_some_and(|&j| j > i)
+            || last_purge.get(&q.mirror_id).is_some_and(|&j| j > i)
+    };
     let mut done: Vec<i64> = vec![];
     let mut failed_ids: Vec<i64> = vec![];
     let mut failed_errs: Vec<String> = vec![];
@@ -401,7 +412,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
                 s.0 += 1;
                 s.2 = q.age_ms;
             }
-            Err(_) if last_ok.get(q.key.as_str()).is_some_and(|&j| j > i) => done.push(q.id),
+            Err(_) if superseded(i, q) => done.push(q.id),
             Err(e) => {
                 s.1 += 1;
                 s.3 = Some(format!(
