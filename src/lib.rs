@@ -12,6 +12,7 @@ mod error;
 mod fetch;
 mod kv;
 mod mirror;
+mod plans;
 mod redis;
 mod settings;
 mod spi_read;

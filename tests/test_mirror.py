@@ -599,6 +599,34 @@ def test_updates_render_with_the_documented_settings_too(m):
         raise AssertionError(f"after an UPDATE under odd settings Redis has {m.rc.get('mx_types3:1')!r}, want {want}") from None
 
 
+def test_schema_changes_between_statements_of_one_session(m):
+    """Capture keeps its statements prepared per session: a column added, dropped or retyped
+    between two writes of the same session must show in the next change's JSON."""
+    m.table("mx_alter", "id int PRIMARY KEY, v text, n int")
+    one(m.conn, "SELECT redis_mirror('mx_alter')")
+    for i in range(3):  # the same statements, several times: the session keeps their plans
+        m.conn.execute("INSERT INTO mx_alter VALUES (%s, 'a', 1)", (i,))
+        m.conn.execute("UPDATE mx_alter SET n = n + 1 WHERE id = %s", (i,))
+    m.equal("mx_alter")
+    m.conn.execute("ALTER TABLE mx_alter ADD COLUMN extra text DEFAULT 'x'")
+    m.conn.execute("INSERT INTO mx_alter VALUES (10, 'b', 2, 'y')")
+    m.conn.execute("UPDATE mx_alter SET n = n + 1 WHERE id = 0")
+    wait_until(lambda: m.get("mx_alter:10") == {"id": 10, "v": "b", "n": 2, "extra": "y"}, 5,
+               what="the added column in the next INSERT's JSON")
+    m.conn.execute("ALTER TABLE mx_alter DROP COLUMN v")
+    m.conn.execute("ALTER TABLE mx_alter ALTER COLUMN n TYPE numeric(10,2)")
+    m.conn.execute("INSERT INTO mx_alter VALUES (11, 3.5, 'z')")
+    m.conn.execute("UPDATE mx_alter SET n = n + 1 WHERE id = 1")
+    wait_until(lambda: m.get("mx_alter:11") == {"id": 11, "n": 3.5, "extra": "z"}, 5,
+               what="the dropped and retyped columns in the next INSERT's JSON")
+    wait_until(lambda: m.get("mx_alter:1") == {"id": 1, "n": 3, "extra": "x"}, 5,
+               what="the dropped and retyped columns in the next UPDATE's JSON")
+    m.conn.execute("DELETE FROM mx_alter WHERE id = 2")
+    # keys of rows not written since keep their old shape until their row changes (docs)
+    m.conn.execute("UPDATE mx_alter SET n = n")
+    m.equal("mx_alter")
+
+
 def test_hash_format(m):
     m.table("mx_h", TYPES_DDL)
     m.conn.execute("SELECT redis_mirror('mx_h', format => 'hash')")

@@ -65,7 +65,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
             .map_err(spi_err)?;
         true
     } else {
-        crate::spi_read::one::<bool>(
+        crate::plans::one::<bool>(
             "SELECT pg_try_advisory_xact_lock($1)",
             &[DELIVERY_LOCK.into()],
         )
@@ -76,8 +76,8 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
     let batch: Vec<Queued> = Spi::connect(|c| {
-        let rows = c
-            .select(
+        let rows = crate::plans::select(
+                c,
                 "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
                         extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
                         m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text, \
@@ -431,19 +431,19 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             }
         }
     }
-    Spi::run_with_args(
+    crate::plans::run(
         "DELETE FROM redis_internal.queue WHERE id = ANY($1)",
         &[done.clone().into()],
     )
     .map_err(spi_err)?;
     if !failed_ids.is_empty() {
-        Spi::run_with_args(
+        crate::plans::run(
             "UPDATE redis_internal.queue q SET attempts = q.attempts + 1, last_error = u.e \
                FROM unnest($1::bigint[], $2::text[]) AS u(id, e) WHERE q.id = u.id",
             &[failed_ids.clone().into(), failed_errs.into()],
         )
         .map_err(spi_err)?;
-        Spi::run_with_args(
+        crate::plans::run(
             "WITH moved AS (DELETE FROM redis_internal.queue WHERE id = ANY($1) AND attempts >= $2 RETURNING *) \
              INSERT INTO redis_internal.dead_letters (id, mirror_id, op, key, payload, error, attempts, first_failure, last_failure) \
              SELECT id, mirror_id, op, key, payload, last_error, attempts, queued_at, clock_timestamp() FROM moved",
@@ -452,7 +452,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         .map_err(spi_err)?;
     }
     for (mirror, (ok, bad, lag_ms, err)) in per_mirror {
-        Spi::run_with_args(
+        crate::plans::run(
             "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, delivered, failed, last_lag, last_error, last_error_at) \
              SELECT $1, $2, $3, make_interval(secs => $4 / 1000), $5, CASE WHEN $5 IS NULL THEN NULL ELSE clock_timestamp() END \
               WHERE EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = $1) \
@@ -489,7 +489,7 @@ fn transient(reply: &str) -> bool {
 pub fn record_connection_error(e: &Error) {
     let msg = crate::error::redact(&e.to_string());
     let _ = as_role(ext_owner(), false, || {
-        Spi::run_with_args(
+        crate::plans::run(
             "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, last_error, last_error_at) \
              SELECT id, $1, clock_timestamp() FROM redis_internal.mirrors \
              ON CONFLICT (mirror_id) DO UPDATE SET last_error = excluded.last_error, last_error_at = excluded.last_error_at",

@@ -84,7 +84,8 @@ pub fn push(
 pub fn repair_pending() -> Result<Vec<(String, String, String)>> {
     let prefixes: Vec<String> = as_role(ext_owner(), false, || {
         Spi::connect(|c| {
-            let t = c.select(
+            let t = crate::plans::select(
+                c,
                 "SELECT DISTINCT key_prefix FROM redis_internal.mirrors WHERE mode = 'sync'",
                 None,
                 &[],

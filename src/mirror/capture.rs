@@ -285,6 +285,7 @@ fn capture_in_sql(
                      ORDER BY u.i \
                     RETURNING id) \
                   SELECT min(id), max(id), count(*) FROM ins";
+    let cacheable = !matches!(op, PgTriggerOperation::Update) || unsafe { small_update(td) };
     let owner = m.owner;
     // The table's name is looked up only for a message: not on every statement.
     let err = |e: pgrx::spi::SpiError| {
@@ -293,8 +294,16 @@ fn capture_in_sql(
     let (lo, hi, n) = with_render_settings(|| {
         Spi::connect_mut(|c| {
             unsafe { pg_sys::SPI_register_trigger_data(td) };
-            let rendered =
-                as_role(owner, true, || c.select(render.as_str(), Some(1), &[]))?.first();
+            // A kept plan is made for the row counts it first saw: an UPDATE's joins are only
+            // planned once for small statements (a big one is planned for its own size).
+            let rendered = as_role(owner, true, || {
+                if cacheable {
+                    crate::plans::select_transition(c, m.tbl, &render, Some(1))
+                } else {
+                    c.select(render.as_str(), Some(1), &[])
+                }
+            })?
+            .first();
             let arrays: Vec<Option<pg_sys::Datum>> = (1..=5)
                 .map(|i| rendered.get_datum_by_ordinal(i))
                 .collect::<Result<_, _>>()?;
@@ -316,7 +325,9 @@ fn capture_in_sql(
                     None => pgrx::datum::DatumWithOid::null_oid(oid),
                 });
             }
-            let t = as_role(ext_owner(), true, || c.update(insert, Some(1), &args))?;
+            let t = as_role(ext_owner(), true, || {
+                crate::plans::update(c, insert, Some(1), &args)
+            })?;
             let row = t.first();
             Ok::<_, pgrx::spi::SpiError>((
                 row.get::<i64>(1)?,
@@ -333,6 +344,19 @@ fn capture_in_sql(
         }
     }
     Ok(n)
+}
+
+/// Whether an UPDATE's transition tables are small enough for the kept plan (made for few rows).
+unsafe fn small_update(td: *mut pg_sys::TriggerData) -> bool {
+    const SMALL: i64 = 64;
+    let count = |t: *mut pg_sys::Tuplestorestate| {
+        if t.is_null() {
+            0
+        } else {
+            pg_sys::tuplestore_tuple_count(t)
+        }
+    };
+    count((*td).tg_oldtable) <= SMALL && count((*td).tg_newtable) <= SMALL
 }
 
 /// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is

@@ -57,14 +57,13 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
 }
 
 pub fn by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
+    // Read on every captured statement: through a kept plan.
+    static SQL: once_cell::sync::Lazy<String> = once_cell::sync::Lazy::new(|| {
+        format!("SELECT {COLS} FROM redis_internal.mirrors WHERE tbl = $1")
+    });
     as_role(ext_owner(), false, || {
         Spi::connect(|c| {
-            let rows = c
-                .select(
-                    &format!("SELECT {COLS} FROM redis_internal.mirrors WHERE tbl = $1"),
-                    Some(1),
-                    &[relid.into()],
-                )
+            let rows = crate::plans::select(c, &SQL, Some(1), &[relid.into()])
                 .map_err(|e| Error::Internal(e.to_string()))?;
             match rows.into_iter().next() {
                 Some(r) => from_row(&r).map(Some),
