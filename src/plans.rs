@@ -40,6 +40,7 @@ thread_local! {
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     // Runs while PostgreSQL processes invalidation messages: only note it.
     let which = (relid != pg_sys::InvalidOid).then_some(relid);
+    crate::mirror::catalog::forget(which);
     let _ = STALE.try_with(|s| {
         if let Ok(mut s) = s.try_borrow_mut() {
             s.insert(which);
@@ -134,6 +135,17 @@ pub fn select_transition<'conn>(
 ) -> SpiResult<SpiTupleTable<'conn>> {
     let p = plan(c, Some(table), sql, &[], false)?;
     c.select(&*p, limit.map(|l| l as libc::c_long), &[])
+}
+
+/// Run a statement that writes and reads `table`'s transition tables through its kept plan.
+pub fn update_transition<'conn>(
+    c: &mut SpiClient<'conn>,
+    table: pg_sys::Oid,
+    sql: &str,
+    args: &[DatumWithOid],
+) -> SpiResult<SpiTupleTable<'conn>> {
+    let p = plan(c, Some(table), sql, args, true)?;
+    c.update(&*p, None, args)
 }
 
 /// Run a statement that writes through its kept plan.

@@ -706,6 +706,37 @@ def test_filter_runs_as_table_owner_not_writer(m):
     m.equal("mx_owned", where="id % 2 = 1")
 
 
+def test_user_defined_cast_to_json_runs_as_table_owner(m):
+    """row_to_json calls a user-defined cast to json for a column of a user-defined type: a table
+    owner's cast must run with the owner's rights when another role writes, never with the
+    extension owner's (capture renders in one statement as the extension owner only when every
+    column has a built-in type)."""
+    owner = m.role("mx_castowner")
+    writer = m.role("mx_castwriter")
+    m.conn.execute(f'GRANT CREATE ON SCHEMA public TO "{owner}"')
+    m.extra_sql.append(f'REVOKE CREATE ON SCHEMA public FROM "{owner}"')
+    m.conn.execute(f'GRANT EXECUTE ON FUNCTION redis_mirror(regclass,text,text,text[],integer,text,text,text,text,boolean) TO "{owner}"')
+    m.tables.append("mx_cast")
+    m.extra_sql += ["DROP TABLE IF EXISTS public.mx_cast_seen", "DROP TYPE IF EXISTS public.mx_mood CASCADE"]
+    with m.connect(user=owner) as oc:
+        oc.execute("CREATE TABLE public.mx_cast_seen (who text)")
+        oc.execute(f'GRANT INSERT ON public.mx_cast_seen TO "{writer}"')
+        oc.execute("CREATE TYPE public.mx_mood AS ENUM ('sad', 'happy')")
+        oc.execute("""CREATE FUNCTION public.mx_mood_json(public.mx_mood) RETURNS json LANGUAGE plpgsql AS $$
+                      BEGIN INSERT INTO public.mx_cast_seen VALUES (current_user);
+                            RETURN pg_catalog.to_json(upper($1::text)); END $$""")
+        oc.execute("CREATE CAST (public.mx_mood AS json) WITH FUNCTION public.mx_mood_json(public.mx_mood)")
+        oc.execute("CREATE TABLE mx_cast (id int PRIMARY KEY, mood public.mx_mood)")
+        oc.execute(f'GRANT INSERT, UPDATE ON mx_cast TO "{writer}"')
+        oc.execute("SELECT redis_mirror('mx_cast')")
+    with m.connect(user=writer) as wc:
+        wc.execute("INSERT INTO mx_cast VALUES (1, 'happy')")
+        wc.execute("UPDATE mx_cast SET mood = 'sad'")
+    wait_until(lambda: m.get("mx_cast:1") == {"id": 1, "mood": "SAD"}, 5, what="the row rendered through the cast")
+    seen = {r[0] for r in m.conn.execute("SELECT who FROM public.mx_cast_seen").fetchall()}
+    assert seen == {owner}, f"the cast to json ran as {seen}, not only as the table owner {owner}"
+
+
 @pytest.mark.parametrize("filter_sql", ["public.mx_su_only(id)", "mx_su_only(id)", "mx_pub(id)",
                                         "count(*) > 0", "row_number() OVER () > 1"])
 def test_filter_is_refused_at_mirror_time_or_never_breaks_writes(m, filter_sql):

@@ -6,6 +6,8 @@ use super::template::{self, quote_ident, quote_literal};
 use crate::error::{Error, Result};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -24,11 +26,17 @@ pub struct Mirror {
     pub owner: pg_sys::Oid,
     pub state: String,
     pub key_pattern: String,
+    /// Every column of the table has a built-in type: rendering its rows runs only PostgreSQL's
+    /// own code (no user-defined cast to json or text can be involved), so capture may render
+    /// and queue in one statement as the extension's owner.
+    pub builtin_types: bool,
 }
 
 const COLS: &str =
     "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream, mode, \
-     (SELECT relowner FROM pg_catalog.pg_class WHERE oid = tbl)";
+     (SELECT relowner FROM pg_catalog.pg_class WHERE oid = tbl), \
+     NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attnum > 0 \
+                    AND NOT a.attisdropped AND a.atttypid >= 16384)";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -53,11 +61,56 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
             .get::<pg_sys::Oid>(14)
             .map_err(e)?
             .unwrap_or(pg_sys::InvalidOid),
+        builtin_types: row.get::<bool>(15).map_err(e)?.unwrap_or(false),
     })
 }
 
+thread_local! {
+    /// Each mirrored table's mirror, as capture last read it. Entries go when PostgreSQL
+    /// invalidates the table's relcache entry: the catalog's trigger makes every change of a row
+    /// do that (sql/views.sql), and so does any DDL on the table.
+    static BY_TABLE: RefCell<HashMap<pg_sys::Oid, Mirror>> = RefCell::new(HashMap::new());
+    static FORGET_ALL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from the relcache invalidation callback (src/plans.rs): only forget, nothing else.
+pub fn forget(relid: Option<pg_sys::Oid>) {
+    let done = BY_TABLE
+        .try_with(|m| match m.try_borrow_mut() {
+            Ok(mut m) => {
+                match relid {
+                    Some(r) => m.remove(&r),
+                    None => {
+                        m.clear();
+                        None
+                    }
+                };
+                true
+            }
+            Err(_) => false,
+        })
+        .unwrap_or(false);
+    if !done {
+        let _ = FORGET_ALL.try_with(|f| f.set(true));
+    }
+}
+
+/// The table's mirror, read on every captured statement: kept per backend (see BY_TABLE).
 pub fn by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
-    // Read on every captured statement: through a kept plan.
+    if FORGET_ALL.with(|f| f.replace(false)) {
+        BY_TABLE.with(|m| m.borrow_mut().clear());
+    }
+    if let Some(m) = BY_TABLE.with(|m| m.borrow().get(&relid).cloned()) {
+        return Ok(Some(m));
+    }
+    let found = read_by_table(relid)?;
+    if let Some(m) = &found {
+        BY_TABLE.with(|c| c.borrow_mut().insert(relid, m.clone()));
+    }
+    Ok(found)
+}
+
+fn read_by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
     static SQL: once_cell::sync::Lazy<String> = once_cell::sync::Lazy::new(|| {
         format!("SELECT {COLS} FROM redis_internal.mirrors WHERE tbl = $1")
     });

@@ -60,6 +60,12 @@ pub fn with_render_settings<R>(f: impl FnOnce() -> R) -> R {
             CString::new(name).unwrap_or_default(),
             CString::new(value).unwrap_or_default(),
         );
+        // Most sessions already have most of these: setting a GUC is not free (search_path
+        // also makes the next name lookup recompute the path), so only what differs is set.
+        let current = unsafe { pg_sys::GetConfigOption(n.as_ptr(), true, false) };
+        if !current.is_null() && unsafe { std::ffi::CStr::from_ptr(current) } == v.as_c_str() {
+            continue;
+        }
         unsafe {
             pg_sys::set_config_option(
                 n.as_ptr(),

@@ -515,6 +515,24 @@ pub mod redis_internal {
         crate::delivery::wake_at_commit();
     }
 
+    /// A row of the mirror catalog changed (its trigger calls this): make every backend drop
+    /// what it keeps of the table's mirror (capture caches it) at its next use of the table.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn forget_mirror(tbl: pg_sys::Oid) {
+        unsafe {
+            // A dropped table has no relcache entry left to invalidate.
+            if pg_sys::SearchSysCacheExists(
+                pg_sys::SysCacheIdentifier::RELOID as i32,
+                pg_sys::Datum::from(tbl),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            ) {
+                pg_sys::CacheInvalidateRelcacheByRelid(tbl);
+            }
+        }
+    }
+
     /// After ALTER TABLE on a mirrored table: refuse the change if the mirror's key template,
     /// column list or filter no longer fit the table, instead of mirroring wrong data later.
     #[pg_extern(volatile, parallel_unsafe)]
