@@ -43,6 +43,8 @@ pub struct Outcome {
     pub claimed: usize,
     pub delivered: usize,
     pub failed: usize,
+    /// Nothing was sent: a standby of pg_redis.standby_names lacks the batch's WAL.
+    pub waiting_for_standby: bool,
 }
 
 /// Deliver up to `max` changes. `wait_for_lock`: block for the delivery lock (drain) or give up
@@ -116,7 +118,15 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
     // Durability: nothing whose commit record could still be lost in a crash goes out.
-    flush_wal();
+    let upto = flush_wal();
+    // Nor anything a standby named in pg_redis.standby_names does not have yet.
+    if !standbys_have(upto)? {
+        return Ok(Outcome {
+            claimed: batch.len(),
+            waiting_for_standby: true,
+            ..Outcome::default()
+        });
+    }
 
     let results = send(&batch)?;
     settle(&batch, results)
@@ -125,7 +135,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
 /// Flush the WAL up to everything inserted so far. The insert position points past the page
 /// header when it sits at a page boundary — WAL that does not exist yet, which XLogFlush refuses —
 /// so step back to the boundary then.
-fn flush_wal() {
+fn flush_wal() -> u64 {
     unsafe {
         let mut upto = pg_sys::GetXLogInsertRecPtr();
         let page = pg_sys::XLOG_BLCKSZ as u64;
@@ -138,6 +148,44 @@ fn flush_wal() {
             upto -= short.next_multiple_of(8);
         }
         pg_sys::XLogFlush(upto);
+        upto
+    }
+}
+
+/// Whether the standbys of pg_redis.standby_names have flushed the WAL up to `upto`, waiting up
+/// to a second for them. Every named standby must be streaming; `*` means every connected one.
+fn standbys_have(upto: u64) -> Result<bool> {
+    let names = crate::settings::standby_names();
+    if names.is_empty() {
+        return Ok(true);
+    }
+    let lsn = format!("{:X}/{:X}", upto >> 32, upto & 0xffff_ffff);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        // pg_stat_replication shows LSNs to privileged roles only: read it as the superuser
+        // (nothing of the user's runs here).
+        let ok = as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, || {
+            crate::plans::one::<bool>(
+                "SELECT CASE WHEN '*' = ANY($2) \
+                        THEN coalesce(bool_and(flush_lsn >= $1::pg_lsn), true) \
+                        ELSE count(DISTINCT application_name) FILTER (WHERE flush_lsn >= $1::pg_lsn) \
+                             = cardinality(ARRAY(SELECT DISTINCT unnest($2))) END \
+                   FROM pg_catalog.pg_stat_replication \
+                  WHERE state = 'streaming' AND ('*' = ANY($2) OR application_name = ANY($2))",
+                &[lsn.clone().into(), names.clone().into()],
+            )
+        })
+        .map_err(spi_err)?
+        .unwrap_or(false);
+        if ok {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        // A plain sleep: the latch stays set for a commit's wake-up that arrives meanwhile.
+        unsafe { pg_sys::pg_usleep(2000) };
+        pgrx::check_for_interrupts!();
     }
 }
 
@@ -468,6 +516,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         claimed: batch.len(),
         delivered: done.len(),
         failed: failed_ids.len() + transient_failures,
+        waiting_for_standby: false,
     })
 }
 

@@ -189,7 +189,8 @@ fn step() -> Step {
     super::commit_wait::serve_waiters();
     set_down(matches!(&delivered, Err(e) if e.is_connection()));
     match delivered {
-        Ok(o) if o.claimed >= batch => Step::Busy,
+        // Waiting for a standby already took up to a second: look again at once.
+        Ok(o) if o.claimed >= batch || o.waiting_for_standby => Step::Busy,
         Ok(o) if o.failed > 0 => Step::Refused,
         Ok(_) => match crate::mirror::backfill::step_any() {
             Ok(true) => Step::Busy,
