@@ -47,13 +47,15 @@ fn redis_fetch(
 
 fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>> {
     let early = can_fill();
-    let name = catalog::relation_name(relid);
+    // The hit path reads no catalog: the mirror is cached per backend, the name is for messages.
+    let name = || catalog::relation_name(relid);
     let Some(m) = catalog::by_table(relid)? else {
         return Err(invalid(format!(
-            "redis_fetch: table {name} is not mirrored"
+            "redis_fetch: table {} is not mirrored",
+            name()
         )));
     };
-    crate::mirror::validate::require_select(relid, "redis_fetch", &name)?;
+    crate::mirror::validate::require_select(relid, "redis_fetch", name)?;
     let parts = m.parts()?;
     let placeholders: Vec<&str> = parts
         .iter()
@@ -67,8 +69,9 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
         .collect();
     if values.len() != placeholders.len() {
         return Err(invalid(format!(
-            "redis_fetch: the key template \"{}\" of {name} takes {} key value(s) ({}), got {}",
+            "redis_fetch: the key template \"{}\" of {} takes {} key value(s) ({}), got {}",
             m.key_template,
+            name(),
             placeholders.len(),
             placeholders.join(", "),
             values.len()
@@ -79,7 +82,8 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
         .map(|v| {
             v.ok_or_else(|| {
                 invalid(format!(
-                    "redis_fetch: key values for {name} must not be NULL"
+                    "redis_fetch: key values for {} must not be NULL",
+                    name()
                 ))
             })
         })
@@ -92,10 +96,8 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
             Part::Col(_) => key.push_str(vi.next().map(String::as_str).unwrap_or("")),
         }
     }
-    let columns = columns(&m)?;
-
     // Redis first.
-    if let Some(hit) = read_redis(&m, &key, &columns)? {
+    if let Some(hit) = read_redis(&m, &key)? {
         crate::stats::count(m.id, true);
         return Ok(Some(hit));
     }
@@ -104,6 +106,7 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
     // The table on a miss.
     // Invalidate mirrors are filled too: that is what cache-aside readers do.
     let can_fill = early;
+    let columns = columns(&m)?;
     let mut conds = vec![];
     for (i, c) in placeholders.iter().enumerate() {
         let ty = columns
@@ -147,7 +150,12 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
             })
         })
     })
-    .map_err(|msg| invalid(format!("redis_fetch: reading {name} by key {key:?}: {msg}")))?
+    .map_err(|msg| {
+        invalid(format!(
+            "redis_fetch: reading {} by key {key:?}: {msg}",
+            name()
+        ))
+    })?
     .map_err(spi_err)?;
     let Some((payload, passes)) = row else {
         return Ok(None);
@@ -157,7 +165,7 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
     }
     serde_json::from_str(&payload)
         .map(Some)
-        .map_err(|e| Error::Internal(format!("redis_fetch: row of {name} is not JSON: {e}")))
+        .map_err(|e| Error::Internal(format!("redis_fetch: row of {} is not JSON: {e}", name())))
 }
 
 /// May a miss fill Redis? Not on a standby, in a read-only transaction, or in one that has
@@ -182,8 +190,8 @@ fn column_type(relid: pg_sys::Oid, col: &str) -> Result<String> {
 /// The mirror's columns with how each appears in row_to_json.
 fn columns(m: &Mirror) -> Result<Vec<Column>> {
     let all: Vec<Column> = Spi::connect(|c| {
-        let rows = c
-            .select(
+        let rows = crate::plans::select(
+                c,
                 "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
                         (t.typcategory IN ('N', 'B', 'A', 'C') OR t.oid IN ('json'::regtype, 'jsonb'::regtype)) \
                    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t0 ON t0.oid = a.atttypid \
@@ -211,15 +219,16 @@ fn columns(m: &Mirror) -> Result<Vec<Column>> {
 
 /// The row from Redis, as the same JSON a miss returns; None on a miss (or an unreadable value,
 /// which the fill then replaces).
-fn read_redis(m: &Mirror, key: &str, columns: &[Column]) -> Result<Option<Json>> {
+fn read_redis(m: &Mirror, key: &str) -> Result<Option<Json>> {
     if m.format == "hash" {
+        let columns = columns(m)?;
         let what = crate::kv::describe("HGETALL", key);
         let reply = value::check(&what, call(&Call::new(&what), cmd("HGETALL").arg(key))?)?;
         let Some(Json::Object(fields)) = crate::kv::hash_to_json(&what, reply)? else {
             return Ok(None);
         };
         let mut row = serde_json::Map::new();
-        for c in columns {
+        for c in &columns {
             let v = match fields.get(&c.name) {
                 None => Json::Null,
                 Some(Json::String(s)) if c.json_typed => {

@@ -62,7 +62,7 @@ pub(crate) fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
             "redis_verify: table {name} is not mirrored"
         )));
     };
-    crate::mirror::validate::require_select(relid, "redis_verify", &name)?;
+    crate::mirror::validate::require_select(relid, "redis_verify", || name.clone())?;
     if repair {
         let owner = crate::spi_read::one::<bool>("SELECT pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1), 'USAGE')", &[relid.into()])
             .map_err(spi_err)?

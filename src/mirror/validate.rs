@@ -269,18 +269,26 @@ pub fn in_subtransaction<R>(
 }
 
 /// `redis_fetch` and `redis_verify` read a table's rows for the caller: the caller needs SELECT.
-pub fn require_select(relid: pg_sys::Oid, what: &str, table: &str) -> Result<()> {
-    let may = crate::spi_read::one::<bool>(
-        "SELECT pg_catalog.has_table_privilege($1, 'SELECT')",
-        &[relid.into()],
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
+/// SELECT on the table for the current role (as has_table_privilege: table-level), checked
+/// directly — redis_fetch runs it on every call. `table` names it in the error.
+pub fn require_select(
+    relid: pg_sys::Oid,
+    what: &str,
+    table: impl FnOnce() -> String,
+) -> Result<()> {
+    let may = unsafe {
+        pg_sys::pg_class_aclcheck(
+            relid,
+            pg_sys::GetUserId(),
+            pg_sys::ACL_SELECT as pg_sys::AclMode,
+        )
+    } == pg_sys::AclResult::ACLCHECK_OK;
     if may {
         Ok(())
     } else {
         Err(Error::Privilege(format!(
-            "{what}: permission denied for table {table}"
+            "{what}: permission denied for table {}",
+            table()
         )))
     }
 }
