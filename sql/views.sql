@@ -83,12 +83,15 @@ LANGUAGE plpgsql AS $$
 DECLARE
   r record;
 BEGIN
+  IF tbl IS NULL THEN
+    RAISE EXCEPTION 'pg_redis: redis_backfill: the table must not be NULL' USING ERRCODE = '22023';
+  END IF;
   LOOP
     SELECT * INTO r FROM redis_backfill_step(tbl);
     PERFORM redis_drain();
     RAISE NOTICE 'pg_redis: backfill of %: % of about % rows queued and delivered', tbl, r.rows_done, r.rows_total;
     COMMIT;
-    EXIT WHEN r.done;
+    EXIT WHEN r.done IS NOT FALSE;
   END LOOP;
 END $$;
 

@@ -139,7 +139,7 @@ fn check_rows(
     let sql = format!(
         "SELECT {}, {}, {} FROM ONLY {qualified} r WHERE r.ctid >= '({start},0)'::tid AND r.ctid < '({end},0)'::tid{}",
         m.key_sql()?,
-        if m.action == "invalidate" { "pg_catalog.row_to_json(r)::text".to_string() } else { m.payload_sql() },
+        if m.action == "invalidate" { "pg_catalog.row_to_json(r.*)::text".to_string() } else { m.payload_sql() },
         m.filter_sql(),
         if repair { " FOR SHARE OF r" } else { "" }
     );

@@ -167,8 +167,6 @@ def test_null_elements_in_key_value_arrays(db, r):
     assert r.exists("h") == 0, "an object of only nulls must not create a hash"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: CALL redis_backfill(NULL) never ends: redis_backfill_step is STRICT, "
-                                       "returns no row, r.done stays NULL and the loop spins forever, one NOTICE per turn")
 def test_backfill_procedure_with_null_table_ends(m):
     with m.pg.connect() as c:
         c.add_notice_handler(lambda d: None)
@@ -248,9 +246,6 @@ def test_value_of_512mb_is_stored(db, make_redis):
     assert backend_alive(db)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a value one byte past proto-max-bulk-len fails as SQLSTATE 08001 'could not "
-                                       "connect to Redis ... Connection reset by peer' although Redis is up; nothing "
-                                       "says the value is too large")
 def test_value_past_proto_max_bulk_len_is_a_clear_error(db, r):
     db.execute("SET pg_redis.command_timeout = '120s'")
     size = 512 * 1024 * 1024 + 1
@@ -417,8 +412,6 @@ def test_filters_with_comments_and_quotes_mean_what_postgres_says(m, flt):
     assert_redis_equals_table(m.pg, m.rc, t, where=where)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: redis_mirror again with a narrower filter leaves the keys of rows that "
-                                       "no longer match in Redis (redis_verify counts them as extra)")
 def test_remirror_with_a_narrower_filter_removes_rows_outside_it(m):
     t = m.table("bi_refilter", "id int PRIMARY KEY, v text", "SELECT g, 'v' FROM generate_series(1, 6) g")
     m.mirror(t, filter="id > 2")
@@ -475,9 +468,6 @@ def test_key_template_literals_are_literal_key_bytes(m):
         assert m.rc.get(k) == v
 
 
-@pytest.mark.xfail(strict=True, reason="bug: key template literals and filters are rendered as SQL string literals "
-                                       "that depend on the writer's standard_conforming_strings: with it off, "
-                                       "'b\\s:{id}' writes key 'bs:1' and the filter's 'x\\y' means 'xy'")
 def test_backslashes_in_template_and_filter_do_not_depend_on_the_writers_settings(m):
     t = m.table("bi_bs", "id int PRIMARY KEY, v text")
     m.mirror(t, key_template="b\\s:{id}", filter="v <> 'x\\y'")
@@ -618,9 +608,6 @@ def test_columns_named_like_internal_aliases(m):
     assert one(m.conn, "SELECT redis_fetch('bi_alias', '1')")["k"] == "k2"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a mirrored table with a column named r cannot be written: every INSERT "
-                                       "fails with 'function pg_catalog.row_to_json(<type of r>) does not exist' "
-                                       "(the capture SQL's row alias r is shadowed); redis_mirror accepted it")
 def test_column_named_r(m):
     t = m.table("bi_colr", "id int PRIMARY KEY, r int4range, v text")
     try:
@@ -747,9 +734,6 @@ def test_relations_that_cannot_be_mirrored_are_refused(m):
     assert backend_alive(m.conn)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: docs/mirroring.md says 'mirror each partition', but writes made through "
-                                       "the partitioned parent (INSERT/UPDATE on the parent, the usual way) are never "
-                                       "captured: the partition's statement-level capture triggers do not fire")
 def test_mirrored_partition_sees_writes_through_its_parent(m):
     m.cleanup_sql.append("DROP TABLE IF EXISTS bi_parent CASCADE")
     m.conn.execute("DROP TABLE IF EXISTS bi_parent CASCADE")

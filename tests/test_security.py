@@ -417,10 +417,6 @@ def test_filter_casts_and_output_functions_run_as_the_table_owner(m):
     assert not bad and not su, f"the owner's code ran with more privileges (superuser now: {su}): {bad}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: privilege escalation: pg_redis runs internal SQL as the extension owner "
-                                       "with the caller's search_path and unqualified operators/functions "
-                                       "(e.g. 'tbl = $1', 'oid = tbl' in the mirror catalog lookup of every capture): "
-                                       "a writer with a schema of its own becomes SUPERUSER with one INSERT")
 def test_search_path_traps_in_the_writers_session_never_run_elevated(m):
     atk = m.role("sec_sp")
     s = "sec_sp_s"
@@ -466,10 +462,6 @@ def test_search_path_traps_in_the_writers_session_never_run_elevated(m):
                                 f"{sorted({(r[0], r[1]) for r in bad})}")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: privilege escalation: an operator =(oid, regclass) that a role with CREATE "
-                                       "on public puts there runs as the superuser in every other session that writes "
-                                       "a mirrored table (the catalog lookup's 'oid = tbl' resolves through the "
-                                       "session's search_path)")
 def test_search_path_traps_in_public_never_run_in_other_sessions(m):
     atk = m.role("sec_pub")
     s = "sec_pub_s"
@@ -713,9 +705,6 @@ def _closed_port():
     return port
 
 
-@pytest.mark.xfail(strict=True, reason="bug: passwords with a space or a quote are not redacted: the redaction stops "
-                                       "at whitespace/quotes, so 'could not connect to Redis at redis://:pa ss'wd@...' "
-                                       "shows the whole password in messages, redis_stats.last_error and the log")
 @pytest.mark.parametrize("password", ["pa ss-Word7", "quo'te-Word7"])
 def test_passwords_with_spaces_or_quotes_are_redacted_too(make_pg, make_redis, password):
     srv = make_redis(extra_args=["--requirepass", password])

@@ -180,7 +180,7 @@ impl Mirror {
     /// JSON of the row aliased `r`: `row_to_json` typing, only the chosen columns.
     pub fn row_json_sql(&self) -> String {
         match &self.columns {
-            None => "pg_catalog.row_to_json(r)::text".into(),
+            None => "pg_catalog.row_to_json(r.*)::text".into(),
             Some(cols) => {
                 let args: Vec<String> = cols
                     .iter()

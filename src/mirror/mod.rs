@@ -191,6 +191,9 @@ fn mirror(
             || p.key_prefix != key_prefix
             || p.format != format
             || p.columns != columns
+            // Rows a new filter leaves out (or an invalidate-only mirror) must lose their keys.
+            || p.filter.as_deref() != filter
+            || p.action != action
     });
     let id: i32 = as_role(ext_owner(), false, || {
         Spi::get_one_with_args::<i32>(

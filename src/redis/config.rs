@@ -16,6 +16,7 @@ pub struct Target {
 
 pub fn current() -> Result<Target> {
     let url = settings::url();
+    crate::error::remember_url_secrets(&url);
     let password_file = settings::password_file();
     let topology = settings::topology();
     let tls = settings::tls_files();
@@ -43,6 +44,7 @@ pub fn current() -> Result<Target> {
     })?;
     if let Some(path) = password_file {
         let password = read_password_file(&path)?;
+        crate::error::remember_secret(&password);
         let redis_settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(redis_settings);
     }

@@ -59,7 +59,30 @@ thread_local! {
 }
 
 /// Run one command; returns its reply (server error replies come back as `Value::ServerError`).
+/// Redis refuses a bulk argument longer than its proto-max-bulk-len (512 MB by default) by
+/// closing the connection, which would read as a connection failure: say what it is instead.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
+fn check_sizes(c: &Call, cmd: &Cmd) -> Result<()> {
+    for arg in cmd.args_iter() {
+        if let redis::Arg::Simple(b) = arg {
+            if b.len() > MAX_BULK {
+                return Err(crate::error::Error::BadReply {
+                    what: c.what.to_string(),
+                    why: format!(
+                        "an argument of {} bytes is longer than Redis accepts (512 MB)",
+                        b.len()
+                    ),
+                    code: pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
+    check_sizes(c, cmd)?;
     let mut v = run(c, cmd.get_packed_command(), 1)?;
     Ok(v.pop().unwrap_or(Value::Nil))
 }
@@ -71,6 +94,7 @@ pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
     }
     let mut packed = Vec::new();
     for cmd in cmds {
+        check_sizes(c, cmd)?;
         cmd.write_packed_command(&mut packed);
     }
     run(c, packed, cmds.len())
