@@ -581,9 +581,6 @@ def test_hash_fetch_types_fields_back_like_row_to_json(m):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: redis_fetch of a row whose json column holds \\u0000 fails with "
-                                       "PostgreSQL's bare 'unsupported Unicode escape sequence' (22P05), no pg_redis: "
-                                       "message naming the table or key")
 def test_fetch_of_a_json_nul_escape_is_a_clear_error(m):
     t = m.table("bi_nulesc", "id int PRIMARY KEY, j json", """VALUES (1, '{"a": "x\\u0000y"}')""")
     m.mirror(t)
@@ -779,9 +776,6 @@ def test_fetch_key_values_that_do_not_fit_the_key(m):
     assert m.rc.exists("injected") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: redis_fetch fills the key spelled as the caller typed the value "
-                                       "('bi_fcanon:01' for id 1), which no later change of the row updates: "
-                                       "the next fetch with '01' returns the stale row; redis_verify does not see it")
 def test_fetch_with_a_non_canonical_key_value_never_serves_stale_rows(m):
     t = m.table("bi_fcanon", "id int PRIMARY KEY, v text", "VALUES (1, 'one')")
     m.mirror(t)

@@ -30,13 +30,20 @@ pub struct Mirror {
     /// own code (no user-defined cast to json or text can be involved), so capture may render
     /// and queue in one statement as the extension's owner.
     pub builtin_types: bool,
+    /// Every column's SQL type (format_type), by name: read-through turns key values into the
+    /// column's own text rendering with them.
+    pub column_types: Vec<(String, String)>,
 }
 
 const COLS: &str =
     "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream, mode, \
      (SELECT relowner FROM pg_catalog.pg_class WHERE oid = tbl), \
      NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attnum > 0 \
-                    AND NOT a.attisdropped AND a.atttypid >= 16384)";
+                    AND NOT a.attisdropped AND a.atttypid >= 16384), \
+     ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), \
+     ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum)";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -62,6 +69,11 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
             .map_err(e)?
             .unwrap_or(pg_sys::InvalidOid),
         builtin_types: row.get::<bool>(15).map_err(e)?.unwrap_or(false),
+        column_types: {
+            let names = row.get::<Vec<String>>(16).map_err(e)?.unwrap_or_default();
+            let types = row.get::<Vec<String>>(17).map_err(e)?.unwrap_or_default();
+            names.into_iter().zip(types).collect()
+        },
     })
 }
 
