@@ -627,6 +627,24 @@ def test_schema_changes_between_statements_of_one_session(m):
     m.equal("mx_alter")
 
 
+def test_worker_deletes_reach_autovacuum_statistics(m):
+    """The worker's deletes from the queue must be counted in pg_stat_all_tables, or autovacuum
+    never vacuums the queue for its dead tuples (found by the 30-minute outage run: n_tup_del
+    stayed 0 after 460k deliveries)."""
+    m.table("mx_stat", "id int PRIMARY KEY, v text")
+    one(m.conn, "SELECT redis_mirror('mx_stat')")
+    m.conn.execute("SELECT pg_stat_force_next_flush()")
+    before = one(m.conn, "SELECT n_tup_del FROM pg_stat_all_tables WHERE relid = 'redis_internal.queue'::regclass")
+    m.conn.execute("INSERT INTO mx_stat SELECT g, 'x' FROM generate_series(1, 300) g")
+    wait_idle(m.conn, "mx_stat")
+
+    def counted():
+        m.conn.execute("SELECT pg_stat_clear_snapshot()")
+        n = one(m.conn, "SELECT n_tup_del FROM pg_stat_all_tables WHERE relid = 'redis_internal.queue'::regclass")
+        return n - before >= 300
+    wait_until(counted, 10, 0.2, "the worker's queue deletes in pg_stat_all_tables")
+
+
 def test_hash_format(m):
     m.table("mx_h", TYPES_DDL)
     m.conn.execute("SELECT redis_mirror('mx_h', format => 'hash')")

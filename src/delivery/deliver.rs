@@ -139,7 +139,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
 /// Flush the WAL up to everything inserted so far. The insert position points past the page
 /// header when it sits at a page boundary — WAL that does not exist yet, which XLogFlush refuses —
 /// so step back to the boundary then.
-fn flush_wal() -> u64 {
+pub fn flush_wal() -> u64 {
     unsafe {
         let mut upto = pg_sys::GetXLogInsertRecPtr();
         let page = pg_sys::XLOG_BLCKSZ as u64;

@@ -113,10 +113,16 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
             };
             (s, repaired)
         });
-        // Registry entries go only once the repairs are committed to the queue.
+        // The worker's deletes from the queue count as dead tuples for autovacuum only once
+        // reported (a backend does this when idle; a background worker must do it itself).
+        unsafe { pg_sys::pgstat_report_stat(false) };
+        // Registry entries go only once the repairs are committed to the queue — durably: with
+        // synchronous_commit = off the repair's commit (and the commits of transactions read as
+        // committed) could still be lost in a crash, and the entry with them.
         let step = if repaired.is_empty() {
             step
         } else {
+            deliver::flush_wal();
             if let Err(e) = super::sync_mode::clean(repaired) {
                 warning!("{}", crate::error::redact(&e.to_string()));
             }
