@@ -922,46 +922,41 @@ NOTES = {
               "rest of the statement, the capture trigger and COMMIT).",
 }
 
-PROFILED = "2026-11-25 with the release build of commit d340f32 (capture and delivery as in b80f202)"
+PROFILED = "2026-11-25 (second session) with the release builds of commits 4a43609 to 80a1cd9"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
 LIMITS: dict = {
-    "P1": "per statement, the capture trigger parses and plans its SPI queries afresh (mirror lookup, "
-          "queue-size check with `pg_total_relation_size`, the render query over the transition table, the "
-          "queue INSERT): `bench/profile.py insert` puts ~57 % of a writing backend's CPU in the planner and "
-          "~25 % in the parser; the worker (also re-planning, plus a WAL fdatasync per batch) takes much of "
-          "the second core.",
-    "P1s": "as P1 (the per-statement parse and plan of the capture queries), on top of the WAL flush "
-           "per commit.",
-    "P1u": "as P1 with a bigger capture query (old and new transition tables numbered and joined), parsed "
-           "and planned per statement: ~87 % of the backend's time is under `SPI_execute_with_args` "
-           "(`bench/profile.py update`).",
-    "P2 insert": "capture renders every row into five arrays (`row_to_json`, keys, `array_agg(... ORDER BY)` "
-                 "sorts, the transition table spilling to disk: ~45 % of the statement) and writes it again as a "
-                 "queue row with its index entry and WAL (~36 %); the table's own INSERT is ~18 % "
-                 "(`bench/profile.py bulk`).",
-    "P2 copy": "as P2 insert: the statement-level capture renders and re-inserts every row into the queue.",
-    "P3": "the worker is CPU-bound on one core while Redis idles: each batch of `batch_size` (1000) is one "
-          "transaction that reads the queue `ORDER BY id LIMIT` through an index whose head still holds the "
-          "deleted, unvacuumed entries of the earlier batches (~1/3 of the worker in `_bt_first`), deletes "
-          "by id list and flushes the WAL (`bench/profile.py drain`).",
-    "P4 p50": "every wake-up of the worker is a transaction with several SPI queries parsed and planned anew, "
-              "a WAL flush (fdatasync: 0.2–0.9 ms on this disk per `pg_test_fsync`) and a pipeline through its "
-              "I/O thread; at 5k tx/s the writers themselves cannot keep up (P1), so the achieved rate is lower.",
+    "P1": "capture now runs kept plans (no parse/plan per statement) and, for a filterless mirror of "
+          "built-in types, one `INSERT ... SELECT` from the transition table into the queue: ~13-20 µs per "
+          "single-row statement against ~4 µs for the INSERT itself and ~12 µs for the PL/pgSQL outbox "
+          "(a DO loop of 10k INSERTs); what remains is the executor start of that statement (`ExecInitNode`, "
+          "~20 % of the backend), the queue row with its index entry and WAL, and the worker delivering on "
+          "the same two cores (~25 % of the CPU).",
+    "P1s": "as P1, on top of the WAL flush per commit (which both sides pay).",
+    "P1u": "a one-row UPDATE renders old and new keys in one statement without joins (~20 µs per statement "
+           "in a DO loop against ~12 µs unmirrored); the rest as P1.",
+    "P2 insert": "every row is written twice — to the table and, rendered by `row_to_json`, to the queue "
+                 "with its index entry and WAL — and the worker delivers on the other core while the "
+                 "statement runs.",
+    "P2 copy": "as P2 insert.",
+    "P3": "one process: each batch of `batch_size` (1000) is a transaction that reads the queue head, "
+          "converts each row through SPI, sends one pipeline, deletes by TID and flushes the WAL; the "
+          "profile is flat (SPI tuple conversion, B-tree, heap, CRC of the WAL).",
+    "P4 p50": "with `synchronous_commit = off` the worker must flush the WAL before sending (nothing a "
+              "crash could lose may reach Redis): an fdatasync per batch (0.2–0.9 ms on this disk), plus the "
+              "worker's transaction and the pipeline through its I/O thread.",
     "P4 p99": "as P4 p50; the tail follows batches that wait for the previous one's flush and round trip.",
-    "P8": "the extra time is one worker round: woken by the latch, it starts a transaction, runs its SPI "
-          "queries re-parsed and re-planned (~70 % of its CPU in parse/plan, `bench/profile.py commit`), "
-          "flushes the WAL (fdatasync, ~16 %), pipelines through its I/O thread and commits before it sets the "
-          "waiting backend's latch.",
-    "P5": "each call hands the command to the backend's I/O thread over a channel and waits on a pipe with a "
-          "freshly built WaitEventSet (epoll create/close per call): ~55 % of the backend's time is context "
-          "switching (`bench/profile.py redis_get`), instead of one blocking round trip on the socket.",
-    "P6": "each hit plans its catalog SQL again (join planning ~20 % of the backend, "
-          "`bench/profile.py redis_fetch`) and goes through the I/O thread like P5.",
+    "P8": "the extra time is one worker round: woken by the latch, it starts a transaction, reads the "
+          "batch, flushes the WAL, pipelines through its I/O thread and commits before it sets the waiting "
+          "backend's latch.",
+    "P5": "each call hands the command to the backend's I/O thread and waits on its latch: ~64 % of the "
+          "time is in the kernel switching between the two threads (`bench/profile.py redis_get`); owning "
+          "the socket on the main thread (WaitLatchOrSocket) is the fix, not done yet.",
+    "P6": "the hit path no longer reads the catalog (mirror cached per backend); it goes through the I/O "
+          "thread like P5, then parses the JSON and builds the jsonb result.",
     "P7": "the backfill goes through the queue: the worker renders each 32-block batch into queue rows "
-          "(heap, index, WAL), reads them back with P3's index scan, sends and deletes them, one process on "
-          "one core (`bench/profile.py backfill`).",
+          "(heap, index, WAL), reads them back, sends and deletes them, one process on one core.",
 }
 
 HOW = [
