@@ -21,11 +21,11 @@ const BLOCKS_PER_BATCH: i64 = 64;
 
 #[derive(Default)]
 pub(crate) struct Tally {
-    checked: i64,
+    pub(crate) checked: i64,
     missing: i64,
     stale: i64,
     extra: i64,
-    repaired: i64,
+    pub(crate) repaired: i64,
     redis_keys: i64,
 }
 
@@ -315,34 +315,12 @@ fn check_extra(
         batch_conds.join(" AND "),
         m.filter_sql()
     );
-    let mut cursor = "0".to_string();
     let what = format!("SCAN MATCH {:?}", m.key_pattern);
-    loop {
-        let reply = value::check(
-            &what,
-            call(
-                &Call::new(&what),
-                cmd("SCAN")
-                    .arg(&cursor)
-                    .arg("MATCH")
-                    .arg(&m.key_pattern)
-                    .arg("COUNT")
-                    .arg(1000),
-            )?,
-        )?;
-        let Value::Array(mut page) = reply else {
-            return Err(value::unexpected(&what, &reply));
-        };
-        let keys = page.pop().unwrap_or(Value::Nil);
-        cursor =
-            value::text(&what, page.pop().unwrap_or(Value::Nil))?.unwrap_or_else(|| "0".into());
-        let keys: Vec<String> = match keys {
-            Value::Array(k) => k
-                .into_iter()
-                .filter_map(|v| value::text(&what, v).ok().flatten())
-                .collect(),
-            _ => vec![],
-        };
+    crate::redis::scan::each_page(&what, &m.key_pattern, |page| {
+        let keys: Vec<String> = page
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect();
         tally.redis_keys += keys.len() as i64;
         let present = rows_exist(m, &parts, cols.len(), &batch_probe, &probe, owner, &keys);
         let mut fixes = vec![];
@@ -357,10 +335,8 @@ fn check_extra(
             enqueue(m, fixes)?;
         }
         pgrx::check_for_interrupts!();
-        if cursor == "0" {
-            return Ok(());
-        }
-    }
+        Ok(())
+    })
 }
 
 /// For each key: does a row (inside the filter) exist for it? One query per SCAN page; if a key

@@ -1,0 +1,255 @@
+"""Beyond one plain Redis (SPEC §1, §8; issue 8): TLS with server verification and client
+certificates, ACL users, unix sockets, Sentinel failover during a mirror's load, and a Redis Cluster
+resharded during a mirror's load. Real servers started by tests/topology_harness.py.
+
+Each group has its own PostgreSQL cluster (the worker reads pg_redis.url and pg_redis.topology
+from postgresql.conf), so the groups do not share the module fixtures of conftest.py.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from harness import PgCluster, RedisServer, expect_error
+from helpers import one, wait_for_worker, wait_until
+from test_mirror import assert_redis_equals_table, redis_table_diff
+from topology_harness import ClusterView, RedisClusterSet, SentinelSet, TlsRedisServer, make_certs
+
+BAD_ARG = "22023"
+PRIVILEGE = "42501"
+CANNOT_CONNECT = "08001"
+NOT_SUPPORTED = "0A000"
+
+
+def tls_conf(srv: TlsRedisServer, client_cert: bool = True) -> list[str]:
+    c = srv.certs
+    lines = [f"pg_redis.url = '{srv.url}'", f"pg_redis.tls_ca_file = '{c.ca}'"]
+    if client_cert:
+        lines += [f"pg_redis.tls_cert_file = '{c.client_crt}'", f"pg_redis.tls_key_file = '{c.client_key}'"]
+    return lines
+
+
+def setting(conn, name, value):
+    conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+
+
+class Load:
+    """Writers changing `table` (id, v) from a thread until stop(): inserts, updates, deletes, in
+    small transactions, as fast as they go. Rows 1..keep are never touched."""
+
+    def __init__(self, pg, table: str, keep: int, span: int = 400):
+        self.pg, self.table, self.keep, self.span = pg, table, keep, span
+        self.done = threading.Event()
+        self.error = None
+        self.commits = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        rnd = random.Random(8)
+        try:
+            with self.pg.connect() as c:
+                while not self.done.is_set():
+                    with c.transaction():
+                        for _ in range(5):
+                            i = self.keep + 1 + rnd.randrange(self.span)
+                            op = rnd.random()
+                            if op < 0.6:
+                                c.execute(f"INSERT INTO {self.table} VALUES (%s, %s) "
+                                          "ON CONFLICT (id) DO UPDATE SET v = excluded.v", (i, uuid.uuid4().hex))
+                            else:
+                                c.execute(f"DELETE FROM {self.table} WHERE id = %s", (i,))
+                    self.commits += 1
+        except Exception as e:  # noqa: BLE001 - reported by stop()
+            self.error = e
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(30)
+        assert self.error is None, f"the load failed: {self.error!r}"
+        assert self.commits > 0
+
+
+def wait_queue_empty(conn, timeout=60.0):
+    wait_until(lambda: one(conn, "SELECT NOT EXISTS (SELECT 1 FROM redis_internal.queue) "
+                                 "AND (SELECT coalesce(bool_and(state = 'active'), true) FROM redis_stats)"),
+               timeout, 0.05, "the queue to empty")
+
+
+# ----------------------------------------------------------------------------------------
+# TLS
+
+
+@pytest.fixture(scope="module")
+def certs():
+    from harness import _make_tmpdir, _rmtree
+    d = _make_tmpdir("pg_redis_certs_")
+    try:
+        yield make_certs(d)
+    finally:
+        _rmtree(d)
+
+
+@pytest.fixture(scope="module")
+def tls_redis(certs):
+    srv = TlsRedisServer(certs)
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tls_pg(tls_redis):
+    pg = PgCluster(conf_lines=tls_conf(tls_redis))
+    yield pg
+    pg.cleanup()
+
+
+def test_tls_key_value_and_mirror(tls_pg, tls_redis):
+    r = tls_redis.client(decode_responses=True)
+    with tls_pg.connect() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
+        wait_for_worker(c)
+        assert one(c, "SELECT redis_ping()") == "PONG"
+        c.execute("SELECT redis_set('tls:k', 'over tls')")
+        assert r.get("tls:k") == "over tls"
+        assert one(c, "SELECT redis_get('tls:k')") == "over tls"
+        # The worker delivers over TLS too (it reads the same settings from postgresql.conf).
+        c.execute("CREATE TABLE tls_t (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO tls_t SELECT g, 'v' || g FROM generate_series(1, 50) g")
+        c.execute("SELECT redis_mirror('tls_t')")
+        c.execute("UPDATE tls_t SET v = 'changed' WHERE id = 7")
+        assert_redis_equals_table(tls_pg, r, "tls_t", timeout=20)
+        # The connection really is TLS (the server has no plain port at all).
+        assert tls_redis.client().config_get("port")["port"] == b"0" or \
+            tls_redis.client().config_get("port")["port"] == "0"
+
+
+def test_tls_wrong_ca_is_a_clear_connection_error(tls_pg, certs):
+    with tls_pg.connect() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
+        setting(c, "pg_redis.tls_ca_file", str(certs.other_ca))
+        e = expect_error(c, "SELECT redis_get('k')", sqlstate=CANNOT_CONNECT)
+        msg = e.diag.message_primary
+        assert "rediss://127.0.0.1" in msg and "certificate" in msg.lower(), msg
+        # Back to the right CA: the next call reconnects (the setting is part of the connection).
+        c.execute("RESET pg_redis.tls_ca_file")
+        assert one(c, "SELECT redis_ping()") == "PONG"
+
+
+def test_tls_client_certificate_required_and_settings_checked(tls_pg, certs):
+    with tls_pg.connect() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_redis")
+        # The server demands a client certificate: without one the handshake fails.
+        c.execute("SET pg_redis.tls_cert_file = ''")
+        c.execute("SET pg_redis.tls_key_file = ''")
+        expect_error(c, "SELECT redis_ping()", sqlstate=CANNOT_CONNECT)
+        # Half a pair is a configuration error.
+        c.execute(f"SET pg_redis.tls_cert_file = '{certs.client_crt}'")
+        e = expect_error(c, "SELECT redis_ping()", sqlstate=BAD_ARG)
+        assert "tls_key_file" in e.diag.message_primary
+        # A key readable by others is refused (as libpq does).
+        loose = certs.dir / "loose.key"
+        loose.write_bytes(certs.client_key.read_bytes())
+        loose.chmod(0o644)
+        c.execute(f"SET pg_redis.tls_key_file = '{loose}'")
+        e = expect_error(c, "SELECT redis_ping()", sqlstate=BAD_ARG)
+        assert "must not be readable" in e.diag.message_primary
+        c.execute("RESET ALL")
+        assert one(c, "SELECT redis_ping()") == "PONG"
+        # TLS files with a redis:// URL: refused rather than silently unencrypted.
+        setting(c, "pg_redis.url", "redis://127.0.0.1:1/0")
+        e = expect_error(c, "SELECT redis_ping()", sqlstate=BAD_ARG)
+        assert "rediss://" in e.diag.message_primary
+
+
+def test_tls_settings_are_superuser_only(tls_pg):
+    with tls_pg.connect() as c:
+        c.execute("DROP ROLE IF EXISTS tls_plain")
+        c.execute("CREATE ROLE tls_plain LOGIN")
+    try:
+        with tls_pg.connect(user="tls_plain") as u:
+            for name in ("pg_redis.tls_key_file", "pg_redis.tls_cert_file", "pg_redis.tls_ca_file"):
+                with pytest.raises(psycopg.Error) as e:
+                    u.execute(f"SHOW {name}")
+                assert e.value.sqlstate == PRIVILEGE, (name, e.value)
+                with pytest.raises(psycopg.Error) as e:
+                    u.execute(f"SET {name} = '/tmp/x'")
+                assert e.value.sqlstate == PRIVILEGE, (name, e.value)
+    finally:
+        with tls_pg.connect() as c:
+            c.execute("DROP ROLE tls_plain")
+
+
+# ----------------------------------------------------------------------------------------
+# ACL users and unix sockets (the module-less `db` fixture of conftest points a session at a Redis)
+
+
+ACL_PASSWORD = "Acl-Pw-7c1e"
+
+
+@pytest.fixture
+def acl_redis(make_redis):
+    sockdir = f"/tmp/pg_redis_sock_{uuid.uuid4().hex[:8]}"
+    import os
+    import shutil
+    os.makedirs(sockdir)
+    os.chmod(sockdir, 0o777)
+    srv = make_redis(extra_args=["--unixsocket", f"{sockdir}/redis.sock", "--unixsocketperm", "777"])
+    srv.client().execute_command("ACL", "SETUSER", "app", "on", f">{ACL_PASSWORD}", "~app:*", "+@all")
+    yield srv
+    shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_acl_user_limited_to_a_key_pattern(pg, db, acl_redis):
+    log_pos = pg.log_position()
+    setting(db, "pg_redis.url", f"redis://app:{ACL_PASSWORD}@127.0.0.1:{acl_redis.port}/0")
+    db.execute("SELECT redis_set('app:1', 'mine')")
+    assert one(db, "SELECT redis_get('app:1')") == "mine"
+    names = [c["user"] for c in acl_redis.client().client_list() if c.get("name", "").startswith("pg_redis:")]
+    assert names == ["app"], names
+    e = expect_error(db, "SELECT redis_set('other:1', 'not mine')", sqlstate=PRIVILEGE)
+    msg = e.diag.message_primary
+    assert "NOPERM" in msg and '"other:1"' in msg, msg
+    assert ACL_PASSWORD not in str(e)
+    e = expect_error(db, "SELECT redis_mget(ARRAY['app:1', 'other:2'])", sqlstate=PRIVILEGE)
+    assert ACL_PASSWORD not in str(e)
+    # The session still works after a refusal.
+    assert one(db, "SELECT redis_get('app:1')") == "mine"
+    # A wrong password: a connection error that does not show the password it tried.
+    setting(db, "pg_redis.url", f"redis://app:wrong-{ACL_PASSWORD}@127.0.0.1:{acl_redis.port}/0")
+    e = expect_error(db, "SELECT redis_get('app:1')", sqlstate=CANNOT_CONNECT)
+    assert "authentication failed" in e.diag.message_primary.lower() and ACL_PASSWORD not in str(e), str(e)
+    assert ACL_PASSWORD not in pg.read_log_since(log_pos)
+
+
+def test_unix_socket_with_acl_user_and_redacted_errors(pg, db, acl_redis):
+    sock = acl_redis.unixsocket
+    setting(db, "pg_redis.url", f"unix://{sock}?user=app&pass={ACL_PASSWORD}")
+    db.execute("SELECT redis_set('app:u', 'via unix')")
+    assert acl_redis.client().get("app:u") == b"via unix"
+    expect_error(db, "SELECT redis_get('nope:1')", sqlstate=PRIVILEGE)
+    # A socket that is not there: the message names it, without the password.
+    setting(db, "pg_redis.url", f"unix://{sock}.missing?user=app&pass={ACL_PASSWORD}")
+    e = expect_error(db, "SELECT redis_get('app:u')", sqlstate=CANNOT_CONNECT)
+    assert ".missing" in e.diag.message_primary and ACL_PASSWORD not in str(e), str(e)
+
+
+def test_mirror_over_unix_socket(make_pg, acl_redis):
+    """The worker delivers over a unix socket too (as an ACL user, its keys inside its pattern)."""
+    url = f"unix://{acl_redis.unixsocket}?user=app&pass={ACL_PASSWORD}"
+    pg = make_pg(conf_lines=[f"pg_redis.url = '{url}'"])
+    r = acl_redis.client(decode_responses=True)
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        wait_for_worker(c)
+        c.execute("CREATE TABLE unix_t (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO unix_t SELECT g, 'v' || g FROM generate_series(1, 30) g")
+        c.execute("SELECT redis_mirror('unix_t', key_template => 'app:{id}')")
+        c.execute("DELETE FROM unix_t WHERE id = 3")
+        assert_redis_equals_table(pg, r, "unix_t", key_sql="'app:' || id", pattern="app:*", timeout=20)
