@@ -253,3 +253,183 @@ def test_mirror_over_unix_socket(make_pg, acl_redis):
         c.execute("SELECT redis_mirror('unix_t', key_template => 'app:{id}')")
         c.execute("DELETE FROM unix_t WHERE id = 3")
         assert_redis_equals_table(pg, r, "unix_t", key_sql="'app:' || id", pattern="app:*", timeout=20)
+
+
+# ----------------------------------------------------------------------------------------
+# Sentinel
+
+
+@pytest.fixture
+def sentinels():
+    # A writable replica lets the test make it differ from its master, as lost writes would.
+    s = SentinelSet(n=3, quorum=2, replica_args=["--replica-read-only", "no"])
+    yield s
+    s.cleanup()
+
+
+def sentinel_conf(s: SentinelSet) -> list[str]:
+    return ["pg_redis.topology = 'sentinel'", f"pg_redis.url = '{s.url}'",
+            f"pg_redis.sentinel_master = '{s.name}'"]
+
+
+def test_sentinel_settings_checked(pg, db, sentinels):
+    db.execute("SET pg_redis.topology = 'sentinel'")
+    setting(db, "pg_redis.url", sentinels.url)
+    e = expect_error(db, "SELECT redis_ping()", sqlstate=BAD_ARG)
+    assert "pg_redis.sentinel_master" in e.diag.message_primary
+    db.execute("SET pg_redis.sentinel_master = 'nosuchmaster'")
+    expect_error(db, "SELECT redis_ping()", sqlstate=CANNOT_CONNECT)
+    db.execute(f"SET pg_redis.sentinel_master = '{sentinels.name}'")
+    db.execute("SELECT redis_set('s:1', 'via sentinel')")
+    assert sentinels.master.client().get("s:1") == b"via sentinel"
+    db.execute("RESET pg_redis.topology")
+    e = expect_error(db, "SELECT redis_ping()", sqlstate=BAD_ARG)
+    assert "lists 3 addresses" in e.diag.message_primary
+
+
+def test_sentinel_failover_during_load(make_pg, sentinels):
+    """SENTINEL FAILOVER while a mirror is written: the functions and the worker follow the new
+    master, nothing queued is lost, and what the new master lacked is repaired."""
+    pg = make_pg(conf_lines=sentinel_conf(sentinels))
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        wait_for_worker(c)
+        assert one(c, "SELECT redis_ping()") == "PONG"
+        c.execute("CREATE TABLE fo (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO fo SELECT g, 'keep' || g FROM generate_series(1, 200) g")
+        c.execute("SELECT redis_mirror('fo')")
+        wait_queue_empty(c)
+        old = sentinels.master
+        assert_redis_equals_table(pg, old.client(decode_responses=True), "fo", timeout=20)
+        wait_until(lambda: sentinels.replica.client().dbsize() == old.client().dbsize(), 20, 0.05,
+                   "the replica to catch up")
+        # Writes the master acknowledged but the replica never got, as after an asynchronous
+        # replication lag: made on the (writable) replica directly, on rows the load leaves alone.
+        rep = sentinels.replica.client()
+        rep.delete(*[f"fo:{i}" for i in range(1, 21)])          # lost writes of rows
+        rep.set("fo:99999", '{"id": 99999, "v": "ghost"}')       # a lost delete
+        log_pos = pg.log_position()
+        load = Load(pg, "fo", keep=200)
+        time.sleep(1.0)
+        new = sentinels.failover()
+        assert new.port == sentinels.replica.port
+        # Sentinel demotes the old master some seconds after the promotion; until then it still
+        # takes writes (lost when it resyncs: for mirrors, the repair brings them back).
+        wait_until(lambda: old.client().info("replication")["role"] == "slave", 30, 0.1,
+                   "the old master to be demoted")
+        # A session that used the old master follows the failover at its next call.
+        c.execute("SELECT redis_set('after', 'failover')")
+        assert new.client().get("after") == b"failover"
+        time.sleep(1.0)
+        load.stop()
+        wait_queue_empty(c)
+        assert_redis_equals_table(pg, new.client(decode_responses=True), "fo", timeout=60)
+        assert one(c, "SELECT redis_get('fo:1')") is not None
+        s = c.execute("SELECT dead_letters, state FROM redis_stats WHERE mirror = 'fo'::regclass").fetchone()
+        assert s == (0, "active"), s
+        log = pg.read_log_since(log_pos)
+        assert "the Redis master changed from 127.0.0.1:%d to 127.0.0.1:%d" % (old.port, new.port) in log, log[-3000:]
+        assert "mirrors verified" in log, log[-3000:]
+
+
+# ----------------------------------------------------------------------------------------
+# Redis Cluster
+
+
+@pytest.fixture(scope="module")
+def rcluster():
+    c = RedisClusterSet(3)
+    yield c
+    c.cleanup()
+
+
+@pytest.fixture(scope="module")
+def cluster_pg(rcluster):
+    pg = PgCluster(conf_lines=["pg_redis.topology = 'cluster'", f"pg_redis.url = '{rcluster.url}'"])
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        wait_for_worker(c)
+    yield pg
+    pg.cleanup()
+
+
+def test_cluster_key_value_functions(cluster_pg, rcluster):
+    rc = rcluster.client()
+    keys = [f"kv:{i}" for i in range(60)]
+    # The keys are spread over every master, so multi-key calls cross nodes.
+    assert len({rc.get_node_from_key(k).port for k in keys}) == 3
+    with cluster_pg.connect() as c:
+        assert one(c, "SELECT redis_ping()") == "PONG"
+        for k in keys:
+            c.execute("SELECT redis_set(%s, %s)", (k, "v-" + k))
+        assert all(rc.get(k) == "v-" + k for k in keys)
+        got = one(c, "SELECT redis_mget(%s)", (keys[:30] + ["kv:missing", None] + keys[30:],))
+        assert got == ["v-" + k for k in keys[:30]] + [None, None] + ["v-" + k for k in keys[30:]]
+        rc.hset("kv:hash", "f", "1")  # MGET gives nil for a key of another type
+        assert one(c, "SELECT redis_mget(ARRAY['kv:1', 'kv:hash', 'kv:2'])") == ["v-kv:1", None, "v-kv:2"]
+        assert one(c, "SELECT redis_del(VARIADIC %s)", (keys[:10] + ["kv:missing"],)) == 10
+        assert not any(rc.exists(k) for k in keys[:10])
+        assert one(c, "SELECT redis_exists('kv:10')") is True
+        assert one(c, "SELECT redis_incrby('{user}:n', 5)") == 5
+        assert one(c, "SELECT redis_incrby('{user}:n', 5)") == 10
+        assert one(c, """SELECT redis_hset('{user}:h', '{"a": 1, "b": "x"}')""") == 2
+        assert one(c, "SELECT redis_hgetall('{user}:h')") == {"a": "1", "b": "x"}
+        assert rc.keyslot("{user}:h") == rc.keyslot("{user}:n")
+        assert one(c, "SELECT redis_expire('kv:11', 100)") is True
+        assert 0 < one(c, "SELECT redis_ttl('kv:11')") <= 100
+        c.execute("SELECT redis_set_bytea('kv:b', '\\x00ff'::bytea)")
+        assert one(c, "SELECT redis_get_bytea('kv:b')") == b"\x00\xff"
+        # redis_command routes by key; multi-node commands are answered by every master.
+        assert one(c, "SELECT redis_command('SET', 'cmd:x', '1')") == "OK"
+        assert one(c, "SELECT redis_command('GET', 'cmd:x')") == "1"
+        assert one(c, "SELECT redis_command('MGET', 'kv:20', 'kv:21', 'nope')") == ["v-kv:20", "v-kv:21", None]
+        assert one(c, "SELECT redis_command('DEL', 'kv:20', 'kv:21')") == 2
+        assert one(c, "SELECT redis_command('DBSIZE')") == sum(s.client().dbsize() for s in rcluster.nodes)
+        assert one(c, "SELECT redis_publish('chan', 'm')") == 0
+        e = expect_error(c, "SELECT redis_command('SCAN', '0')", sqlstate=BAD_ARG)
+        assert "SCAN" in e.diag.message_primary
+
+
+def test_cluster_mirror_under_resharding(cluster_pg, rcluster):
+    view = ClusterView(rcluster)
+    n0, n1, n2 = rcluster.nodes
+    try:
+        with cluster_pg.connect() as c:
+            for t, fmt in (("cj", "json"), ("chh", "hash")):
+                c.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text)")
+                c.execute(f"INSERT INTO {t} SELECT g, 'first' || g FROM generate_series(1, 1500) g")
+                c.execute(f"SELECT redis_mirror('{t}', format => '{fmt}')")
+            wait_queue_empty(c)
+            loads = [Load(cluster_pg, "cj", keep=1000, span=800), Load(cluster_pg, "chh", keep=1000, span=800)]
+            time.sleep(0.5)
+            rcluster.reshard(n0, n1, 1200)
+            rcluster.reshard(n2, n0, 600)
+            time.sleep(0.5)
+            for load in loads:
+                load.stop()
+            assert sum(load.commits for load in loads) > 50
+            rcluster.wait_ok()
+            wait_queue_empty(c)
+            assert_redis_equals_table(cluster_pg, view, "cj", timeout=30)
+            assert_redis_equals_table(cluster_pg, view, "chh", fmt="hash", timeout=30)
+            for t in ("cj", "chh"):
+                s = c.execute("SELECT dead_letters, failed FROM redis_stats WHERE mirror = %s::regclass",
+                              (t,)).fetchone()
+                assert s == (0, 0), (t, s)
+            # redis_verify scans every master.
+            checked, missing, stale, extra, repaired = c.execute("SELECT * FROM redis_verify('cj')").fetchone()
+            assert (missing, stale, extra) == (0, 0, 0) and checked == one(c, "SELECT count(*) FROM cj")
+            view.rc.set("cj:77777", "{}")
+            assert c.execute("SELECT extra FROM redis_verify('cj', true)").fetchone() == (1,)
+            wait_queue_empty(c)
+            assert view.rc.get("cj:77777") is None
+            # TRUNCATE purges the mirror's keys on every master.
+            c.execute("TRUNCATE cj")
+            wait_queue_empty(c)
+            assert list(view.scan_iter(match="cj:*")) == []
+            assert redis_table_diff(cluster_pg, view, "chh", fmt="hash") is None
+            # Sync mode needs two keys in one script: refused on a cluster.
+            e = expect_error(c, "SELECT redis_mirror('cj', mode => 'sync')", sqlstate=NOT_SUPPORTED)
+            assert "cluster" in e.diag.message_primary
+    finally:
+        view.close()

@@ -202,8 +202,10 @@ class RedisClusterSet:
         self.nodes: list[RedisServer] = []
         try:
             for _ in range(n):
+                # The bus port defaults to port + 10000, past 65535 for many free ports: pick one.
                 self.nodes.append(RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-node-timeout", "3000",
-                                                          "--cluster-config-file", "nodes.conf"]))
+                                                          "--cluster-config-file", "nodes.conf",
+                                                          "--cluster-port", str(free_port())]))
             self.cli("--cluster", "create", *[f"127.0.0.1:{s.port}" for s in self.nodes],
                      "--cluster-replicas", "0", "--cluster-yes")
             self.wait_ok()
