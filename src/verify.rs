@@ -21,11 +21,11 @@ const BLOCKS_PER_BATCH: i64 = 64;
 
 #[derive(Default)]
 pub(crate) struct Tally {
-    pub(crate) checked: i64,
+    checked: i64,
     missing: i64,
     stale: i64,
     extra: i64,
-    pub(crate) repaired: i64,
+    repaired: i64,
     redis_keys: i64,
 }
 
@@ -125,6 +125,20 @@ pub(crate) fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
         crate::delivery::wake_at_commit();
     }
     Ok(tally)
+}
+
+/// The SCAN pass of `redis_verify` with repair, alone: queue a delete for every key of the
+/// mirror's layout that has no row (inside the filter). Takes no row locks. After a failover it
+/// removes what deletes the new master lost (`delivery::after_failover`). Returns the deletes.
+pub(crate) fn remove_extra(m: &Mirror) -> Result<i64> {
+    let qualified = crate::mirror::backfill::qualified(m.tbl)?;
+    let owner = catalog::table_owner(m.tbl)?;
+    let mut tally = Tally::default();
+    check_extra(m, &qualified, owner, true, &mut tally)?;
+    if tally.repaired > 0 {
+        crate::delivery::wake_at_commit();
+    }
+    Ok(tally.repaired)
 }
 
 fn check_rows(

@@ -329,7 +329,7 @@ def test_sentinel_failover_during_load(make_pg, sentinels):
         assert s == (0, "active"), s
         log = pg.read_log_since(log_pos)
         assert "the Redis master changed from 127.0.0.1:%d to 127.0.0.1:%d" % (old.port, new.port) in log, log[-3000:]
-        assert "mirrors verified" in log, log[-3000:]
+        assert "mirrors are being repaired" in log, log[-3000:]
 
 
 # ----------------------------------------------------------------------------------------

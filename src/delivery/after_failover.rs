@@ -1,10 +1,19 @@
 //! After a Sentinel failover (`redis::failover` noticed the master change) the new master may lack
-//! writes the old one acknowledged but had not replicated yet: Redis replication is asynchronous.
-//! Which writes is unknown (the queue forgets delivered changes), so the worker verifies and repairs
-//! every mirror (`redis_verify(tbl, repair => true)`, one transaction per mirror): Redis ends equal
-//! to the tables whatever the window was. docs/topologies.md states the window and the cost.
+//! writes the old one acknowledged but had not replicated yet: Redis replication is asynchronous,
+//! and the old master takes writes until Sentinel demotes it. Which writes is unknown (the queue
+//! forgets delivered changes), so every mirror is brought back in step, in ways that hold no lock
+//! for long and survive a worker restart:
+//! - `write` mirrors: the keys without a row are deleted (redis_verify's SCAN pass: lost deletes,
+//!   TRUNCATEs), then every row is pushed again by a scheduled backfill, as `redis_resync` does
+//!   (lost writes), in batches between deliveries;
+//! - `invalidate` mirrors: every key of the layout is deleted (a lost invalidation would leave a
+//!   stale cached copy; readers refill them).
+//!
+//! docs/topologies.md states the window and the cost.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::mirror::capture::{enqueue, Change};
+use crate::mirror::catalog;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -15,11 +24,11 @@ pub fn repair_if_due() {
     let Some(epoch) = crate::redis::failover::repair_due(db) else {
         return;
     };
-    // Verify against the master the sentinels name now, not one this process may still hold.
+    // Work against the master the sentinels name now, not one this process may still hold.
     crate::redis::reset();
     let mirrors = BackgroundWorker::transaction(|| {
         crate::mirror::validate::in_subtransaction(mirrors)
-            .unwrap_or_else(|msg| Err(crate::error::Error::Internal(msg)))
+            .unwrap_or_else(|m| Err(Error::Internal(m)))
     });
     let mirrors = match mirrors {
         Ok(m) => m,
@@ -31,29 +40,20 @@ pub fn repair_if_due() {
             return;
         }
     };
-    let (mut checked, mut repaired) = (0i64, 0i64);
+    let mut deleted = 0i64;
     for (tbl, name) in &mirrors {
         let tbl = *tbl;
         let r = BackgroundWorker::transaction(move || {
-            crate::mirror::validate::in_subtransaction(move || crate::verify::verify(tbl, true))
+            crate::mirror::validate::in_subtransaction(move || repair(tbl))
+                .unwrap_or_else(|m| Err(Error::Internal(m)))
         });
         match r {
-            Ok(Ok(t)) => {
-                checked += t.checked;
-                repaired += t.repaired;
-            }
-            // Redis down again, a dropped table...: try the whole round again at the next loop.
-            Ok(Err(e)) => {
+            Ok(n) => deleted += n,
+            // Redis down again, a lock conflict with a DROP: the whole round again next loop.
+            Err(e) => {
                 warning!(
                     "pg_redis: repair after failover of {name}: {}",
                     crate::error::redact(&e.to_string())
-                );
-                return;
-            }
-            Err(msg) => {
-                warning!(
-                    "pg_redis: repair after failover of {name}: {}",
-                    crate::error::redact(&msg)
                 );
                 return;
             }
@@ -61,9 +61,27 @@ pub fn repair_if_due() {
     }
     crate::redis::failover::mark_repaired(db, epoch);
     log!(
-        "pg_redis: after the Redis failover, {} mirrors verified ({checked} rows), {repaired} keys queued for repair",
+        "pg_redis: after the Redis failover, {} mirrors are being repaired: {deleted} keys without a row queued for deletion, every row queued again by a backfill",
         mirrors.len()
     );
+}
+
+fn repair(tbl: pg_sys::Oid) -> Result<i64> {
+    let Some(m) = catalog::by_table(tbl)? else {
+        return Ok(0); // dropped meanwhile
+    };
+    if m.state == "needs_resync" {
+        return Ok(0); // not capturing: redis_resync, which it waits for, repairs it anyway
+    }
+    if m.action != "write" {
+        enqueue(&m, vec![Change::new("t", m.key_pattern.clone(), None)])?;
+        crate::delivery::wake_at_commit();
+        return Ok(0);
+    }
+    let deleted = crate::verify::remove_extra(&m)?;
+    crate::mirror::backfill::schedule(&m)?;
+    crate::delivery::wake_at_commit();
+    Ok(deleted)
 }
 
 /// Every mirror of this database, when the extension is there.
@@ -93,5 +111,5 @@ fn mirrors() -> Result<Vec<(pg_sys::Oid, String)>> {
             })
             .collect::<std::result::Result<Vec<_>, pgrx::spi::SpiError>>()
     })
-    .map_err(|e| crate::error::Error::Internal(format!("repair after failover: {e}")))
+    .map_err(|e| Error::Internal(format!("repair after failover: {e}")))
 }

@@ -3,7 +3,8 @@
 //! (`delivery::after_failover`, docs/topologies.md).
 //!
 //! Every process that connects through the sentinels reports the master it was given. When that
-//! differs from the last master any process of this server saw, the failover epoch goes up. Each
+//! differs from the last master any process of this server saw for the same settings, the
+//! failover epoch goes up. Each
 //! database's worker records the epoch it repaired after. Both live in shared memory, so a worker
 //! restarted in the middle of a repair repairs again; a server restart forgets them (a failover
 //! while PostgreSQL is down is not noticed: docs/topologies.md). Without preload there is no
@@ -15,11 +16,23 @@ use std::cell::RefCell;
 
 const ADDR_MAX: usize = 256;
 const DATABASES: usize = crate::delivery::MAX_WORKERS;
+/// Sentinel configurations remembered at once (sessions may point elsewhere than the worker).
+const CONFIGS: usize = 8;
+
+/// The last master seen for one sentinel configuration (a hash of its settings).
+#[derive(Copy, Clone)]
+struct Master {
+    config: u64,
+    addr: [u8; ADDR_MAX],
+    len: usize,
+    /// For replacing the least recently seen configuration.
+    seen_at: u64,
+}
 
 #[derive(Copy, Clone)]
 pub struct Seen {
-    master: [u8; ADDR_MAX],
-    len: usize,
+    masters: [Master; CONFIGS],
+    clock: u64,
     epoch: u64,
     /// (database oid, epoch its worker repaired after)
     repaired: [(u32, u64); DATABASES],
@@ -27,9 +40,15 @@ pub struct Seen {
 
 impl Default for Seen {
     fn default() -> Self {
-        Seen {
-            master: [0; ADDR_MAX],
+        let none = Master {
+            config: 0,
+            addr: [0; ADDR_MAX],
             len: 0,
+            seen_at: 0,
+        };
+        Seen {
+            masters: [none; CONFIGS],
+            clock: 0,
             epoch: 0,
             repaired: [(0, 0); DATABASES],
         }
@@ -41,8 +60,8 @@ unsafe impl PGRXSharedMemory for Seen {}
 static SEEN: PgLwLock<Seen> = unsafe { PgLwLock::new(c"pg_redis_failover") };
 
 thread_local! {
-    /// Without preload: the master this process last saw.
-    static LOCAL: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Without preload: the master this process last saw, and for which configuration.
+    static LOCAL: RefCell<Option<(u64, String)>> = const { RefCell::new(None) };
 }
 
 /// While preloading (`_PG_init`).
@@ -50,18 +69,44 @@ pub fn init_preloaded() {
     pgrx::pg_shmem_init!(SEEN);
 }
 
-/// A connection through the sentinels reached `master` (`host:port`). Main thread only.
-pub fn observe(master: &str) {
+/// A connection through the sentinels of configuration `config` (the link's fingerprint) reached
+/// `master` (`host:port`). Main thread only.
+pub fn observe(config: &str, master: &str) {
+    let config = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        config.hash(&mut h);
+        h.finish()
+    };
     let changed_from = if crate::delivery::preloaded() {
         let mut s = SEEN.exclusive();
+        s.clock += 1;
+        let now = s.clock;
+        let i = match s
+            .masters
+            .iter()
+            .position(|m| m.len > 0 && m.config == config)
+        {
+            Some(i) => i,
+            None => {
+                let oldest = (0..CONFIGS)
+                    .min_by_key(|&i| s.masters[i].seen_at)
+                    .unwrap_or(0);
+                s.masters[oldest].config = config;
+                s.masters[oldest].len = 0;
+                oldest
+            }
+        };
         let bytes = master.as_bytes();
         let len = bytes.len().min(ADDR_MAX);
-        let before = String::from_utf8_lossy(&s.master[..s.len]).into_owned();
-        if s.len == len && s.master[..len] == bytes[..len] {
+        let m = &mut s.masters[i];
+        m.seen_at = now;
+        let before = String::from_utf8_lossy(&m.addr[..m.len]).into_owned();
+        if m.len == len && m.addr[..len] == bytes[..len] {
             None
         } else {
-            s.master[..len].copy_from_slice(&bytes[..len]);
-            s.len = len;
+            m.addr[..len].copy_from_slice(&bytes[..len]);
+            m.len = len;
             if before.is_empty() {
                 None
             } else {
@@ -71,8 +116,10 @@ pub fn observe(master: &str) {
         }
     } else {
         LOCAL.with(|l| {
-            let before = l.borrow_mut().replace(master.to_string());
-            before.filter(|b| b != master)
+            let before = l.borrow_mut().replace((config, master.to_string()));
+            before
+                .filter(|(c, b)| *c == config && b != master)
+                .map(|(_, b)| b)
         })
     };
     let Some(before) = changed_from else { return };

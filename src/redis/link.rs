@@ -177,7 +177,7 @@ fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> 
                     link.connected = true;
                     link.clients = clients;
                     if let Some(m) = master {
-                        super::failover::observe(&m);
+                        super::failover::observe(&link.fingerprint, &m);
                     }
                 }
                 if let Some(clients) = answer.clients {
