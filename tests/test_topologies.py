@@ -278,7 +278,8 @@ def test_sentinel_settings_checked(pg, db, sentinels):
     e = expect_error(db, "SELECT redis_ping()", sqlstate=BAD_ARG)
     assert "pg_redis.sentinel_master" in e.diag.message_primary
     db.execute("SET pg_redis.sentinel_master = 'nosuchmaster'")
-    expect_error(db, "SELECT redis_ping()", sqlstate=CANNOT_CONNECT)
+    e = expect_error(db, "SELECT redis_ping()", sqlstate=CANNOT_CONNECT)
+    assert "not found in sentinel" in e.diag.message_primary, e.diag.message_primary
     db.execute(f"SET pg_redis.sentinel_master = '{sentinels.name}'")
     db.execute("SELECT redis_set('s:1', 'via sentinel')")
     assert sentinels.master.client().get("s:1") == b"via sentinel"

@@ -454,6 +454,8 @@ fn transient(reply: &str) -> bool {
         "TRYAGAIN",
         "CLUSTERDOWN",
         "READONLY",
+        // min-replicas-to-write: a master cut off from its replicas (before a failover).
+        "NOREPLICAS",
     ]
     .iter()
     .any(|p| reply.starts_with(p))
