@@ -389,6 +389,17 @@ def test_cluster_key_value_functions(cluster_pg, rcluster):
         assert one(c, "SELECT redis_publish('chan', 'm')") == 0
         e = expect_error(c, "SELECT redis_command('SCAN', '0')", sqlstate=BAD_ARG)
         assert "SCAN" in e.diag.message_primary
+        # A call blocked on a node ends at statement_timeout; the abandoned client is killed on
+        # its node before the next call, so it cannot take an element pushed later.
+        c.execute("SET statement_timeout = '300ms'")
+        t = time.monotonic()
+        expect_error(c, "SELECT redis_command('BLPOP', 'kv:q', '0')", sqlstate="57014", prefix=None)
+        assert time.monotonic() - t < 1.5
+        c.execute("RESET statement_timeout")
+        assert one(c, "SELECT redis_ping()") == "PONG"
+        rc.rpush("kv:q", "item")
+        time.sleep(0.3)
+        assert rc.llen("kv:q") == 1, "an abandoned BLPOP consumed the element"
 
 
 def test_cluster_mirror_under_resharding(cluster_pg, rcluster):

@@ -72,6 +72,10 @@ impl Cluster {
             b = b.certs(certs.clone());
         }
         let con = b.build()?.get_connection()?;
+        // A connection that failed is never re-made inside a call: the call fails and the link
+        // is replaced (as for one server). Otherwise redis-rs would send a command again on a new
+        // connection after ours was killed, e.g. a BLPOP abandoned by a cancel.
+        con.set_auto_reconnect(false);
         let mut cluster = Cluster { con };
         for k in to_kill {
             if let Some(node) = &k.node {

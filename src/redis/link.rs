@@ -44,12 +44,17 @@ struct Job {
     timeout: Option<Duration>,
 }
 
-/// What the helper sends back for one job.
+/// What the helper sends back.
+enum Msg {
+    /// Connected, before the job runs (a job may never answer: a BLPOP cancelled): who we are
+    /// on the server(s), so that an abandoned call can be killed, and with sentinel the master.
+    Connected(Vec<ClientId>, Option<String>),
+    Answer(Answer),
+}
+
+/// The result of one job.
 struct Answer {
     values: std::result::Result<Vec<Value>, redis::RedisError>,
-    /// Set when this job made the connection: who we are on the server(s), and with sentinel the
-    /// master's address.
-    connected: Option<(Vec<ClientId>, Option<String>)>,
     /// Our clients moved (a cluster reconnected to other nodes).
     clients: Option<Vec<ClientId>>,
     /// Sentinel: the server answered READONLY (demoted); the helper has dropped the connection.
@@ -60,7 +65,7 @@ struct Link {
     fingerprint: String,
     display_addr: String,
     jobs: mpsc::Sender<Job>,
-    answers: mpsc::Receiver<Answer>,
+    answers: mpsc::Receiver<Msg>,
     wake: OwnedFd,
     connected: bool,
     /// The server-side identities of the connection (CLIENT ID, ADDR), once connected.
@@ -173,13 +178,8 @@ fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> 
         let outcome = wait(link, budget);
         match outcome {
             Waited::Answer(answer) => {
-                if let Some((clients, master)) = answer.connected {
-                    link.connected = true;
-                    link.clients = clients;
-                    if let Some(m) = master {
-                        super::failover::observe(&link.fingerprint, &m);
-                    }
-                }
+                // Connected during this call: a failure now is of the call, not of connecting.
+                let still_connecting = !link.connected;
                 if let Some(clients) = answer.clients {
                     link.clients = clients;
                 }
@@ -210,7 +210,7 @@ fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> 
                         } else {
                             abandon(&mut slot);
                         }
-                        let err = classify(c.what, &addr, connecting, e);
+                        let err = classify(c.what, &addr, still_connecting, e);
                         Err(if stale {
                             Attempt::Stale(err)
                         } else {
@@ -251,7 +251,15 @@ fn wait_inner(link: &mut Link, budget: Option<Duration>, latch_was_set: &mut boo
     let start = Instant::now();
     loop {
         match link.answers.try_recv() {
-            Ok(answer) => {
+            Ok(Msg::Connected(clients, master)) => {
+                link.connected = true;
+                link.clients = clients;
+                if let Some(m) = master {
+                    super::failover::observe(&link.fingerprint, &m);
+                }
+                continue;
+            }
+            Ok(Msg::Answer(answer)) => {
                 drain(&link.wake);
                 return Waited::Answer(answer);
             }
@@ -261,7 +269,6 @@ fn wait_inner(link: &mut Link, budget: Option<Duration>, latch_was_set: &mut boo
                         std::io::ErrorKind::BrokenPipe,
                         "helper thread ended",
                     ))),
-                    connected: None,
                     clients: None,
                     readonly: false,
                 })
@@ -427,27 +434,31 @@ fn helper(
     connect_timeout: Duration,
     to_kill: Vec<ClientId>,
     jobs: mpsc::Receiver<Job>,
-    answers: mpsc::Sender<Answer>,
+    answers: mpsc::Sender<Msg>,
     wake: OwnedFd,
 ) {
     let sentinel = matches!(connector.topology, Topology::Sentinel(_));
     let mut con: Option<conn::Conn> = None;
     let mut to_kill = to_kill;
     while let Ok(job) = jobs.recv() {
-        let mut connected = None;
         if con.is_none() {
             match conn::open(&connector, connect_timeout, std::mem::take(&mut to_kill)) {
                 Ok(opened) => {
                     con = Some(opened.conn);
-                    connected = Some((opened.clients, opened.master));
+                    if answers
+                        .send(Msg::Connected(opened.clients, opened.master))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    poke(&wake);
                 }
                 Err(e) => {
-                    let _ = answers.send(Answer {
+                    let _ = answers.send(Msg::Answer(Answer {
                         values: Err(e),
-                        connected: None,
                         clients: None,
                         readonly: false,
-                    });
+                    }));
                     poke(&wake);
                     return;
                 }
@@ -463,11 +474,10 @@ fn helper(
         let readonly = sentinel && values.as_deref().is_ok_and(conn::any_readonly);
         let answer = Answer {
             values,
-            connected,
             clients,
             readonly,
         };
-        if answers.send(answer).is_err() {
+        if answers.send(Msg::Answer(answer)).is_err() {
             return;
         }
         poke(&wake);
