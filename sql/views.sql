@@ -66,17 +66,32 @@ BEGIN
 END $$;
 CREATE EVENT TRIGGER pg_redis_sql_drop ON sql_drop EXECUTE FUNCTION redis_internal.on_sql_drop();
 
+-- Capture keeps each table's mirror in backend memory: any change of a catalog row invalidates
+-- the table's relcache entry, which makes every backend read the row again.
+CREATE FUNCTION redis_internal.on_mirrors_change() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+  IF TG_OP <> 'INSERT' THEN PERFORM redis_internal.forget_mirror(OLD.tbl::oid); END IF;
+  IF TG_OP <> 'DELETE' THEN PERFORM redis_internal.forget_mirror(NEW.tbl::oid); END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER pg_redis_mirrors_change AFTER INSERT OR UPDATE OR DELETE ON redis_internal.mirrors
+  FOR EACH ROW EXECUTE FUNCTION redis_internal.on_mirrors_change();
+
 CREATE PROCEDURE redis_backfill(tbl regclass)
 LANGUAGE plpgsql AS $$
 DECLARE
   r record;
 BEGIN
+  IF tbl IS NULL THEN
+    RAISE EXCEPTION 'pg_redis: redis_backfill: the table must not be NULL' USING ERRCODE = '22023';
+  END IF;
   LOOP
     SELECT * INTO r FROM redis_backfill_step(tbl);
     PERFORM redis_drain();
     RAISE NOTICE 'pg_redis: backfill of %: % of about % rows queued and delivered', tbl, r.rows_done, r.rows_total;
     COMMIT;
-    EXIT WHEN r.done;
+    EXIT WHEN r.done IS NOT FALSE;
   END LOOP;
 END $$;
 

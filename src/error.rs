@@ -110,7 +110,74 @@ pub fn invalid(msg: impl Into<String>) -> Error {
 
 /// Remove a password from anything that looks like a Redis URL (`scheme://user:pass@host`) or an
 /// AUTH argument, so that messages and logs never show it.
+/// Passwords of the configured URL and password file, scrubbed from every message by `redact`
+/// whatever they contain (a space, a quote or a slash defeats any pattern). Filled by the
+/// connection layer on the backend's main thread; read from any thread.
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+pub fn remember_secret(secret: &str) {
+    // Very short secrets would scrub ordinary words; the URL pattern still hides them.
+    if secret.chars().count() < 3 {
+        return;
+    }
+    if let Ok(mut s) = SECRETS.lock() {
+        if !s.iter().any(|x| x == secret) {
+            if s.len() >= 16 {
+                s.remove(0);
+            }
+            s.push(secret.to_string());
+        }
+    }
+}
+
+/// Remember the password of each address of a `pg_redis.url` value, as written and decoded.
+pub fn remember_url_secrets(url: &str) {
+    for part in url.split(',') {
+        let Some(pos) = part.find("://") else {
+            continue;
+        };
+        let rest = &part[pos + 3..];
+        let Some(at) = rest.rfind('@') else { continue };
+        let Some((_, password)) = rest[..at].split_once(':') else {
+            continue;
+        };
+        remember_secret(password);
+        remember_secret(&percent_decode(password));
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub fn redact(text: &str) -> String {
+    let mut text = text.to_string();
+    if let Ok(secrets) = SECRETS.lock() {
+        for s in secrets.iter() {
+            if text.contains(s.as_str()) {
+                text = text.replace(s.as_str(), "***");
+            }
+        }
+    }
+    redact_urls(&text)
+}
+
+fn redact_urls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find("://") {

@@ -47,13 +47,15 @@ fn redis_fetch(
 
 fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>> {
     let early = can_fill();
-    let name = catalog::relation_name(relid);
+    // The hit path reads no catalog: the mirror is cached per backend, the name is for messages.
+    let name = || catalog::relation_name(relid);
     let Some(m) = catalog::by_table(relid)? else {
         return Err(invalid(format!(
-            "redis_fetch: table {name} is not mirrored"
+            "redis_fetch: table {} is not mirrored",
+            name()
         )));
     };
-    crate::mirror::validate::require_select(relid, "redis_fetch", &name)?;
+    crate::mirror::validate::require_select(relid, "redis_fetch", name)?;
     let parts = m.parts()?;
     let placeholders: Vec<&str> = parts
         .iter()
@@ -67,8 +69,9 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
         .collect();
     if values.len() != placeholders.len() {
         return Err(invalid(format!(
-            "redis_fetch: the key template \"{}\" of {name} takes {} key value(s) ({}), got {}",
+            "redis_fetch: the key template \"{}\" of {} takes {} key value(s) ({}), got {}",
             m.key_template,
+            name(),
             placeholders.len(),
             placeholders.join(", "),
             values.len()
@@ -79,11 +82,15 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
         .map(|v| {
             v.ok_or_else(|| {
                 invalid(format!(
-                    "redis_fetch: key values for {name} must not be NULL"
+                    "redis_fetch: key values for {} must not be NULL",
+                    name()
                 ))
             })
         })
         .collect::<Result<_>>()?;
+    // The key as capture renders it: each value through its column's type and back to text, so
+    // that '01' and '1' name the same row (and key) of an integer column.
+    let values = canonical(&m, &placeholders, values, &name)?;
     let mut key = m.key_prefix.clone();
     let mut vi = values.iter();
     for p in &parts {
@@ -92,10 +99,8 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
             Part::Col(_) => key.push_str(vi.next().map(String::as_str).unwrap_or("")),
         }
     }
-    let columns = columns(&m)?;
-
     // Redis first.
-    if let Some(hit) = read_redis(&m, &key, &columns)? {
+    if let Some(hit) = read_redis(&m, &key)? {
         crate::stats::count(m.id, true);
         return Ok(Some(hit));
     }
@@ -104,6 +109,7 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
     // The table on a miss.
     // Invalidate mirrors are filled too: that is what cache-aside readers do.
     let can_fill = early;
+    let columns = columns(&m)?;
     let mut conds = vec![];
     for (i, c) in placeholders.iter().enumerate() {
         let ty = columns
@@ -147,7 +153,12 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
             })
         })
     })
-    .map_err(|msg| invalid(format!("redis_fetch: reading {name} by key {key:?}: {msg}")))?
+    .map_err(|msg| {
+        invalid(format!(
+            "redis_fetch: reading {} by key {key:?}: {msg}",
+            name()
+        ))
+    })?
     .map_err(spi_err)?;
     let Some((payload, passes)) = row else {
         return Ok(None);
@@ -155,9 +166,96 @@ fn fetch(relid: pg_sys::Oid, values: Vec<Option<String>>) -> Result<Option<Json>
     if can_fill && passes {
         fill(&m, &key, &payload)?;
     }
+    no_nul_escape(&m, &key, &payload)?;
     serde_json::from_str(&payload)
         .map(Some)
-        .map_err(|e| Error::Internal(format!("redis_fetch: row of {name} is not JSON: {e}")))
+        .map_err(|e| Error::Internal(format!("redis_fetch: row of {} is not JSON: {e}", name())))
+}
+
+/// Key values rendered as `(value::type)::text`, the way capture renders the key columns; a
+/// value that does not fit its column's type is a 22023 error.
+fn canonical(
+    m: &Mirror,
+    columns: &[&str],
+    values: Vec<String>,
+    name: &dyn Fn() -> String,
+) -> Result<Vec<String>> {
+    let types: Vec<&str> = columns
+        .iter()
+        .map(|c| {
+            m.column_types
+                .iter()
+                .find(|(n, _)| n == c)
+                .map(|(_, t)| t.as_str())
+                .unwrap_or("text")
+        })
+        .collect();
+    // Text and integer columns (the usual keys) are rendered here; other types by PostgreSQL.
+    let fast: Option<Vec<String>> = types
+        .iter()
+        .zip(&values)
+        .map(|(t, v)| {
+            let int = |min: i64, max: i64| {
+                v.trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (min..=max).contains(n))
+                    .map(|n| n.to_string())
+            };
+            match *t {
+                "text" => Some(v.clone()),
+                "smallint" => int(i16::MIN as i64, i16::MAX as i64),
+                "integer" => int(i32::MIN as i64, i32::MAX as i64),
+                "bigint" => int(i64::MIN, i64::MAX),
+                _ => None,
+            }
+        })
+        .collect();
+    if let Some(fast) = fast {
+        return Ok(fast);
+    }
+    let sql = format!(
+        "SELECT ARRAY[{}]",
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("(${}::{t})::text", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let args: Vec<pgrx::datum::DatumWithOid> = values.iter().map(|v| v.clone().into()).collect();
+    // As the table's owner, like capture: a cast on the owner's type runs with its rights.
+    crate::mirror::validate::in_subtransaction(|| {
+        as_role(m.owner, true, || {
+            with_render_settings(|| crate::spi_read::one::<Vec<String>>(&sql, &args))
+        })
+    })
+    .map_err(|msg| {
+        invalid(format!(
+            "redis_fetch: key values {values:?} do not fit the key columns of {}: {msg}",
+            name()
+        ))
+    })?
+    .map_err(spi_err)?
+    .ok_or_else(|| Error::Internal("redis_fetch: no key rendered".into()))
+}
+
+/// jsonb cannot hold the \u0000 escape a json column may carry: say so, instead of PostgreSQL's
+/// bare conversion error. (Text only: the escaped backslash `\\u0000` is fine.)
+fn no_nul_escape(m: &Mirror, key: &str, json: &str) -> Result<()> {
+    let bytes = json.as_bytes();
+    let found = json.match_indices("\\u0000").any(|(i, _)| {
+        // an odd run of backslashes before 'u' means a real escape
+        bytes[..i].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0
+    });
+    if found {
+        return Err(Error::BadReply {
+            what: format!("redis_fetch of {} by key {key:?}", m.table_name()),
+            why: "the row holds \\u0000 in a JSON string, which jsonb cannot represent".into(),
+            code: PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
+        });
+    }
+    Ok(())
 }
 
 /// May a miss fill Redis? Not on a standby, in a read-only transaction, or in one that has
@@ -182,8 +280,8 @@ fn column_type(relid: pg_sys::Oid, col: &str) -> Result<String> {
 /// The mirror's columns with how each appears in row_to_json.
 fn columns(m: &Mirror) -> Result<Vec<Column>> {
     let all: Vec<Column> = Spi::connect(|c| {
-        let rows = c
-            .select(
+        let rows = crate::plans::select(
+                c,
                 "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
                         (t.typcategory IN ('N', 'B', 'A', 'C') OR t.oid IN ('json'::regtype, 'jsonb'::regtype)) \
                    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t0 ON t0.oid = a.atttypid \
@@ -211,15 +309,16 @@ fn columns(m: &Mirror) -> Result<Vec<Column>> {
 
 /// The row from Redis, as the same JSON a miss returns; None on a miss (or an unreadable value,
 /// which the fill then replaces).
-fn read_redis(m: &Mirror, key: &str, columns: &[Column]) -> Result<Option<Json>> {
+fn read_redis(m: &Mirror, key: &str) -> Result<Option<Json>> {
     if m.format == "hash" {
+        let columns = columns(m)?;
         let what = crate::kv::describe("HGETALL", key);
         let reply = value::check(&what, call(&Call::new(&what), cmd("HGETALL").arg(key))?)?;
         let Some(Json::Object(fields)) = crate::kv::hash_to_json(&what, reply)? else {
             return Ok(None);
         };
         let mut row = serde_json::Map::new();
-        for c in columns {
+        for c in &columns {
             let v = match fields.get(&c.name) {
                 None => Json::Null,
                 Some(Json::String(s)) if c.json_typed => {
@@ -235,7 +334,10 @@ fn read_redis(m: &Mirror, key: &str, columns: &[Column]) -> Result<Option<Json>>
         let reply = value::check(&what, call(&Call::new(&what), cmd("GET").arg(key))?)?;
         match value::text(&what, reply)? {
             None => Ok(None),
-            Some(s) => Ok(serde_json::from_str(&s).ok()),
+            Some(s) => {
+                no_nul_escape(m, key, &s)?;
+                Ok(serde_json::from_str(&s).ok())
+            }
         }
     }
 }

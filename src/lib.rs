@@ -12,6 +12,7 @@ mod error;
 mod fetch;
 mod kv;
 mod mirror;
+mod plans;
 mod redis;
 mod settings;
 mod spi_read;
@@ -37,7 +38,8 @@ extension_sql_file!(
         mirror::redis_drain,
         mirror::redis_internal::wake_worker,
         mirror::redis_internal::revalidate,
-        mirror::redis_internal::register_trigger
+        mirror::redis_internal::register_trigger,
+        mirror::redis_internal::forget_mirror
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);

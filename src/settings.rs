@@ -38,6 +38,9 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 static MAX_QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024 * 1024);
 /// Approximate cap (`MAXLEN ~`) of change-event streams.
 static STREAM_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+/// Standbys (application_name, or `*` for every connected one) that must have flushed a change's
+/// WAL before it is delivered: Redis is then never ahead of a standby promoted after a failover.
+static STANDBY_NAMES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Databases whose queues the background workers serve.
 static DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -178,6 +181,14 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pg_redis.standby_names",
+        c"Standbys that must have a change's WAL before it is delivered to Redis.",
+        c"Comma-separated application_name values of streaming standbys, or * for every connected standby. Redis is then never ahead of a promoted standby after an asynchronous failover.",
+        &STANDBY_NAMES,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     // Only a preloaded library may define postmaster-level settings: outside preload,
     // PostgreSQL would end the session with FATAL.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -248,6 +259,14 @@ pub fn stream_maxlen() -> i64 {
 pub fn databases() -> Vec<String> {
     string(&DATABASES)
         .unwrap_or_else(|| "postgres".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+pub fn standby_names() -> Vec<String> {
+    string(&STANDBY_NAMES)
+        .unwrap_or_default()
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())

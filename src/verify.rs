@@ -62,7 +62,7 @@ pub(crate) fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
             "redis_verify: table {name} is not mirrored"
         )));
     };
-    crate::mirror::validate::require_select(relid, "redis_verify", &name)?;
+    crate::mirror::validate::require_select(relid, "redis_verify", || name.clone())?;
     if repair {
         let owner = crate::spi_read::one::<bool>("SELECT pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1), 'USAGE')", &[relid.into()])
             .map_err(spi_err)?
@@ -153,7 +153,7 @@ fn check_rows(
     let sql = format!(
         "SELECT {}, {}, {} FROM ONLY {qualified} r WHERE r.ctid >= '({start},0)'::tid AND r.ctid < '({end},0)'::tid{}",
         m.key_sql()?,
-        if m.action == "invalidate" { "pg_catalog.row_to_json(r)::text".to_string() } else { m.payload_sql() },
+        if m.action == "invalidate" { "pg_catalog.row_to_json(r.*)::text".to_string() } else { m.payload_sql() },
         m.filter_sql(),
         if repair { " FOR SHARE OF r" } else { "" }
     );

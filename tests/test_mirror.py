@@ -599,6 +599,34 @@ def test_updates_render_with_the_documented_settings_too(m):
         raise AssertionError(f"after an UPDATE under odd settings Redis has {m.rc.get('mx_types3:1')!r}, want {want}") from None
 
 
+def test_schema_changes_between_statements_of_one_session(m):
+    """Capture keeps its statements prepared per session: a column added, dropped or retyped
+    between two writes of the same session must show in the next change's JSON."""
+    m.table("mx_alter", "id int PRIMARY KEY, v text, n int")
+    one(m.conn, "SELECT redis_mirror('mx_alter')")
+    for i in range(3):  # the same statements, several times: the session keeps their plans
+        m.conn.execute("INSERT INTO mx_alter VALUES (%s, 'a', 1)", (i,))
+        m.conn.execute("UPDATE mx_alter SET n = n + 1 WHERE id = %s", (i,))
+    m.equal("mx_alter")
+    m.conn.execute("ALTER TABLE mx_alter ADD COLUMN extra text DEFAULT 'x'")
+    m.conn.execute("INSERT INTO mx_alter VALUES (10, 'b', 2, 'y')")
+    m.conn.execute("UPDATE mx_alter SET n = n + 1 WHERE id = 0")
+    wait_until(lambda: m.get("mx_alter:10") == {"id": 10, "v": "b", "n": 2, "extra": "y"}, 5,
+               what="the added column in the next INSERT's JSON")
+    m.conn.execute("ALTER TABLE mx_alter DROP COLUMN v")
+    m.conn.execute("ALTER TABLE mx_alter ALTER COLUMN n TYPE numeric(10,2)")
+    m.conn.execute("INSERT INTO mx_alter VALUES (11, 3.5, 'z')")
+    m.conn.execute("UPDATE mx_alter SET n = n + 1 WHERE id = 1")
+    wait_until(lambda: m.get("mx_alter:11") == {"id": 11, "n": 3.5, "extra": "z"}, 5,
+               what="the dropped and retyped columns in the next INSERT's JSON")
+    wait_until(lambda: m.get("mx_alter:1") == {"id": 1, "n": 3, "extra": "x"}, 5,
+               what="the dropped and retyped columns in the next UPDATE's JSON")
+    m.conn.execute("DELETE FROM mx_alter WHERE id = 2")
+    # keys of rows not written since keep their old shape until their row changes (docs)
+    m.conn.execute("UPDATE mx_alter SET n = n")
+    m.equal("mx_alter")
+
+
 def test_hash_format(m):
     m.table("mx_h", TYPES_DDL)
     m.conn.execute("SELECT redis_mirror('mx_h', format => 'hash')")
@@ -676,6 +704,37 @@ def test_filter_runs_as_table_owner_not_writer(m):
     with m.connect(user=writer) as wc:
         wc.execute("INSERT INTO mx_owned SELECT g, 'w' FROM generate_series(1, 6) g")
     m.equal("mx_owned", where="id % 2 = 1")
+
+
+def test_user_defined_cast_to_json_runs_as_table_owner(m):
+    """row_to_json calls a user-defined cast to json for a column of a user-defined type: a table
+    owner's cast must run with the owner's rights when another role writes, never with the
+    extension owner's (capture renders in one statement as the extension owner only when every
+    column has a built-in type)."""
+    owner = m.role("mx_castowner")
+    writer = m.role("mx_castwriter")
+    m.conn.execute(f'GRANT CREATE ON SCHEMA public TO "{owner}"')
+    m.extra_sql.append(f'REVOKE CREATE ON SCHEMA public FROM "{owner}"')
+    m.conn.execute(f'GRANT EXECUTE ON FUNCTION redis_mirror(regclass,text,text,text[],integer,text,text,text,text,boolean) TO "{owner}"')
+    m.tables.append("mx_cast")
+    m.extra_sql += ["DROP TABLE IF EXISTS public.mx_cast_seen", "DROP TYPE IF EXISTS public.mx_mood CASCADE"]
+    with m.connect(user=owner) as oc:
+        oc.execute("CREATE TABLE public.mx_cast_seen (who text)")
+        oc.execute(f'GRANT INSERT ON public.mx_cast_seen TO "{writer}"')
+        oc.execute("CREATE TYPE public.mx_mood AS ENUM ('sad', 'happy')")
+        oc.execute("""CREATE FUNCTION public.mx_mood_json(public.mx_mood) RETURNS json LANGUAGE plpgsql AS $$
+                      BEGIN INSERT INTO public.mx_cast_seen VALUES (current_user);
+                            RETURN pg_catalog.to_json(upper($1::text)); END $$""")
+        oc.execute("CREATE CAST (public.mx_mood AS json) WITH FUNCTION public.mx_mood_json(public.mx_mood)")
+        oc.execute("CREATE TABLE mx_cast (id int PRIMARY KEY, mood public.mx_mood)")
+        oc.execute(f'GRANT INSERT, UPDATE ON mx_cast TO "{writer}"')
+        oc.execute("SELECT redis_mirror('mx_cast')")
+    with m.connect(user=writer) as wc:
+        wc.execute("INSERT INTO mx_cast VALUES (1, 'happy')")
+        wc.execute("UPDATE mx_cast SET mood = 'sad'")
+    wait_until(lambda: m.get("mx_cast:1") == {"id": 1, "mood": "SAD"}, 5, what="the row rendered through the cast")
+    seen = {r[0] for r in m.conn.execute("SELECT who FROM public.mx_cast_seen").fetchall()}
+    assert seen == {owner}, f"the cast to json ran as {seen}, not only as the table owner {owner}"
 
 
 @pytest.mark.parametrize("filter_sql", ["public.mx_su_only(id)", "mx_su_only(id)", "mx_pub(id)",

@@ -498,6 +498,37 @@ def test_sync_rollback_restores_committed_state(m):
     wait_until(lambda: not sync_registry(m.rc), 5, what="the sync registry to be cleaned")
 
 
+def test_sync_repair_does_not_undo_a_newer_transaction(m):
+    """A rolled-back push is repaired while another transaction has already pushed the same key
+    and commits only after the repair read the table: its value must stay (found by the history
+    checker: the repair's delete, queued under a newer id, won over the committed row)."""
+    t = m.table("md_srace", "id int PRIMARY KEY, v text")
+    m.mirror(t, mode="sync")
+    m.idle()
+    worker = one(m.conn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_redis worker'")
+    b = m.pg.connect()
+    os.kill(worker, signal.SIGSTOP)  # the repair must run between B's push and B's COMMIT
+    try:
+        m.conn.execute("BEGIN")
+        m.conn.execute(f"INSERT INTO {t} VALUES (1, 'rolled back')")
+        a_xid = one(m.conn, "SELECT pg_current_xact_id()")
+        m.conn.execute("ROLLBACK")
+        b.execute("BEGIN")
+        b.execute(f"INSERT INTO {t} VALUES (1, 'committed')")
+        assert jget(m.rc, f"{t}:1") == {"id": 1, "v": "committed"}
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    # the worker repairs the rolled-back push while B is still open: no row is visible to it
+    wait_until(lambda: not list(m.rc.scan_iter(match=f"pg_redis:sync:*:{a_xid}@*")), 5, 0.01,
+               "the rolled-back push repaired")
+    time.sleep(0.3)
+    b.execute("COMMIT")
+    b.close()
+    m.idle()
+    time.sleep(0.3)
+    assert jget(m.rc, f"{t}:1") == {"id": 1, "v": "committed"}
+
+
 def test_sync_savepoint_rollback(m):
     t = m.table("md_ssp", "id int PRIMARY KEY, v text", "SELECT g, 'v' || g FROM generate_series(1, 4) g")
     m.mirror(t, mode="sync")

@@ -43,6 +43,8 @@ pub struct Outcome {
     pub claimed: usize,
     pub delivered: usize,
     pub failed: usize,
+    /// Nothing was sent: a standby of pg_redis.standby_names lacks the batch's WAL.
+    pub waiting_for_standby: bool,
 }
 
 /// Deliver up to `max` changes. `wait_for_lock`: block for the delivery lock (drain) or give up
@@ -65,7 +67,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
             .map_err(spi_err)?;
         true
     } else {
-        crate::spi_read::one::<bool>(
+        crate::plans::one::<bool>(
             "SELECT pg_try_advisory_xact_lock($1)",
             &[DELIVERY_LOCK.into()],
         )
@@ -76,8 +78,8 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
     let batch: Vec<Queued> = Spi::connect(|c| {
-        let rows = c
-            .select(
+        let rows = crate::plans::select(
+                c,
                 "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
                         extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
                         m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text, \
@@ -116,7 +118,15 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
     // Durability: nothing whose commit record could still be lost in a crash goes out.
-    flush_wal();
+    let upto = flush_wal();
+    // Nor anything a standby named in pg_redis.standby_names does not have yet.
+    if !standbys_have(upto)? {
+        return Ok(Outcome {
+            claimed: batch.len(),
+            waiting_for_standby: true,
+            ..Outcome::default()
+        });
+    }
 
     let results = send(&batch)?;
     settle(&batch, results)
@@ -125,7 +135,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
 /// Flush the WAL up to everything inserted so far. The insert position points past the page
 /// header when it sits at a page boundary — WAL that does not exist yet, which XLogFlush refuses —
 /// so step back to the boundary then.
-fn flush_wal() {
+fn flush_wal() -> u64 {
     unsafe {
         let mut upto = pg_sys::GetXLogInsertRecPtr();
         let page = pg_sys::XLOG_BLCKSZ as u64;
@@ -138,6 +148,44 @@ fn flush_wal() {
             upto -= short.next_multiple_of(8);
         }
         pg_sys::XLogFlush(upto);
+        upto
+    }
+}
+
+/// Whether the standbys of pg_redis.standby_names have flushed the WAL up to `upto`, waiting up
+/// to a second for them. Every named standby must be streaming; `*` means every connected one.
+fn standbys_have(upto: u64) -> Result<bool> {
+    let names = crate::settings::standby_names();
+    if names.is_empty() {
+        return Ok(true);
+    }
+    let lsn = format!("{:X}/{:X}", upto >> 32, upto & 0xffff_ffff);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        // pg_stat_replication shows LSNs to privileged roles only: read it as the superuser
+        // (nothing of the user's runs here).
+        let ok = as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, || {
+            crate::plans::one::<bool>(
+                "SELECT CASE WHEN '*' = ANY($2) \
+                        THEN coalesce(bool_and(flush_lsn >= $1::pg_lsn), true) \
+                        ELSE count(DISTINCT application_name) FILTER (WHERE flush_lsn >= $1::pg_lsn) \
+                             = cardinality(ARRAY(SELECT DISTINCT unnest($2))) END \
+                   FROM pg_catalog.pg_stat_replication \
+                  WHERE state = 'streaming' AND ('*' = ANY($2) OR application_name = ANY($2))",
+                &[lsn.clone().into(), names.clone().into()],
+            )
+        })
+        .map_err(spi_err)?
+        .unwrap_or(false);
+        if ok {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        // A plain sleep: the latch stays set for a commit's wake-up that arrives meanwhile.
+        unsafe { pg_sys::pg_usleep(2000) };
+        pgrx::check_for_interrupts!();
     }
 }
 
@@ -405,19 +453,19 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             }
         }
     }
-    Spi::run_with_args(
+    crate::plans::run(
         "DELETE FROM redis_internal.queue WHERE id = ANY($1)",
         &[done.clone().into()],
     )
     .map_err(spi_err)?;
     if !failed_ids.is_empty() {
-        Spi::run_with_args(
+        crate::plans::run(
             "UPDATE redis_internal.queue q SET attempts = q.attempts + 1, last_error = u.e \
                FROM unnest($1::bigint[], $2::text[]) AS u(id, e) WHERE q.id = u.id",
             &[failed_ids.clone().into(), failed_errs.into()],
         )
         .map_err(spi_err)?;
-        Spi::run_with_args(
+        crate::plans::run(
             "WITH moved AS (DELETE FROM redis_internal.queue WHERE id = ANY($1) AND attempts >= $2 RETURNING *) \
              INSERT INTO redis_internal.dead_letters (id, mirror_id, op, key, payload, error, attempts, first_failure, last_failure) \
              SELECT id, mirror_id, op, key, payload, last_error, attempts, queued_at, clock_timestamp() FROM moved",
@@ -426,7 +474,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         .map_err(spi_err)?;
     }
     for (mirror, (ok, bad, lag_ms, err)) in per_mirror {
-        Spi::run_with_args(
+        crate::plans::run(
             "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, delivered, failed, last_lag, last_error, last_error_at) \
              SELECT $1, $2, $3, make_interval(secs => $4 / 1000), $5, CASE WHEN $5 IS NULL THEN NULL ELSE clock_timestamp() END \
               WHERE EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = $1) \
@@ -442,6 +490,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         claimed: batch.len(),
         delivered: done.len(),
         failed: failed_ids.len() + transient_failures,
+        waiting_for_standby: false,
     })
 }
 
@@ -465,7 +514,7 @@ fn transient(reply: &str) -> bool {
 pub fn record_connection_error(e: &Error) {
     let msg = crate::error::redact(&e.to_string());
     let _ = as_role(ext_owner(), false, || {
-        Spi::run_with_args(
+        crate::plans::run(
             "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, last_error, last_error_at) \
              SELECT id, $1, clock_timestamp() FROM redis_internal.mirrors \
              ON CONFLICT (mirror_id) DO UPDATE SET last_error = excluded.last_error, last_error_at = excluded.last_error_at",

@@ -2,9 +2,13 @@
 //! statement), and also queued as in queue mode, so the committed state is delivered again after
 //! COMMIT in commit order. What a transaction pushed is recorded in Redis *before* the values
 //! (`<prefix>pg_redis:sync:<db>` holds the (sub)transaction ids, `...:<db>:<xid>` the
-//! `mirror_id:key` entries). The worker reads that registry: keys of a (sub)transaction that did
-//! not commit — rolled back, rolled back to a savepoint, or lost with a crashed backend — are
-//! repaired from the table through the queue; entries of committed ones are simply dropped.
+//! `mirror_id:version:key` entries). The worker reads that registry: keys of a (sub)transaction
+//! that did not commit — rolled back, rolled back to a savepoint, or lost with a crashed backend —
+//! are repaired from the table through the queue; entries of committed ones are simply dropped.
+//!
+//! A repair carries the version of the push it undoes, not a new one: a transaction still in
+//! progress when the repair read the table may commit a newer state of the key, and its own push
+//! (made at its statement, with a higher version) must keep winning over the repair's older read.
 //! docs/guarantees.md states the window in which readers can see an uncommitted value.
 
 use crate::error::{invalid, Error, Result};
@@ -47,9 +51,9 @@ pub fn push(
     let mut sadd_k = cmd("SADD");
     sadd_k.arg(&entries);
     let mut any = false;
-    for (op, key, _) in changes.iter() {
+    for ((op, key, _), id) in changes.iter().zip(ids) {
         if *op == "s" || *op == "d" {
-            sadd_k.arg(format!("{}:{key}", m.id));
+            sadd_k.arg(format!("{}:{id}:{key}", m.id));
             any = true;
         }
     }
@@ -90,7 +94,8 @@ pub fn push(
 pub fn repair_pending() -> Result<Vec<(String, String, String)>> {
     let prefixes: Vec<String> = as_role(ext_owner(), false, || {
         Spi::connect(|c| {
-            let t = c.select(
+            let t = crate::plans::select(
+                c,
                 "SELECT DISTINCT key_prefix FROM redis_internal.mirrors WHERE mode = 'sync'",
                 None,
                 &[],
@@ -196,16 +201,17 @@ fn members(what: &str, v: Value) -> Result<Vec<String>> {
 /// transaction in progress is left for later: its own changes will be queued at its COMMIT).
 /// Returns whether the entry is settled.
 fn repair_entry(entry: &str) -> Result<bool> {
-    let Some((id, key)) = entry.split_once(':') else {
+    let mut parts = entry.splitn(3, ':');
+    let (Some(id), Some(version), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
         return Ok(true);
     };
-    let Ok(id) = id.parse::<i32>() else {
+    let (Ok(id), Ok(version)) = (id.parse::<i32>(), version.parse::<i64>()) else {
         return Ok(true);
     };
     let Some(m) = catalog::by_id(id)? else {
         return Ok(true);
     };
-    queue_current_state(&m, key, true)
+    current_state(&m, key, true, Some(version))
 }
 
 /// Queue the committed state of one key of a mirror: its row's value (read FOR SHARE, so that no
@@ -213,9 +219,15 @@ fn repair_entry(entry: &str) -> Result<bool> {
 /// it is outside the filter. With `nowait`, a row locked by a transaction in progress is left
 /// alone (false: try later — its own change will be queued at its COMMIT).
 pub fn queue_current_state(m: &Mirror, key: &str, nowait: bool) -> Result<bool> {
+    current_state(m, key, nowait, None)
+}
+
+/// As queue_current_state; `version`: queue the change under that id (the version of the sync
+/// push being undone) when it is safe to.
+fn current_state(m: &Mirror, key: &str, nowait: bool, version: Option<i64>) -> Result<bool> {
     let parts = m.parts()?;
     let Some(values) = template::invert(&m.key_prefix, &parts, key) else {
-        enqueue(m, vec![Change::new("d", key.to_string(), None)])?;
+        enqueue_repair(m, Change::new("d", key.to_string(), None), version)?;
         return Ok(true);
     };
     let cols = template::columns(&parts);
@@ -263,6 +275,41 @@ pub fn queue_current_state(m: &Mirror, key: &str, nowait: bool) -> Result<bool> 
         }
         Ok(Ok(_)) => Change::new("d", key.to_string(), None),
     };
-    enqueue(m, vec![change])?;
+    enqueue_repair(m, change, version)?;
     Ok(true)
+}
+
+/// Queue a repair under `version` (the undone push's queue id: its row was rolled back, so the
+/// id is free) when the queue's sequence has already passed it in this life of the server — so
+/// that it is never handed out again. Otherwise (after a crash that lost the sequence's advance),
+/// or if the id is taken after all, under a new id.
+fn enqueue_repair(m: &Mirror, change: Change, version: Option<i64>) -> Result<()> {
+    if let Some(v) = version {
+        let inserted = as_role(ext_owner(), false, || {
+            Spi::connect_mut(|c| {
+                let t = crate::plans::update(
+                    c,
+                    "INSERT INTO redis_internal.queue (id, mirror_id, op, key, payload) \
+                     SELECT $1, $2, $3::\"char\", $4, $5 \
+                      WHERE $1 <= (SELECT last_value FROM redis_internal.queue_id_seq) \
+                     ON CONFLICT (id) DO NOTHING",
+                    None,
+                    &[
+                        v.into(),
+                        m.id.into(),
+                        change.op.to_string().into(),
+                        change.key.clone().into(),
+                        change.payload.clone().into(),
+                    ],
+                )?;
+                Ok::<_, pgrx::spi::SpiError>(t.len())
+            })
+        })
+        .map_err(|e| Error::Internal(format!("sync repair of {:?}: {e}", change.key)))?;
+        if inserted > 0 {
+            return Ok(());
+        }
+    }
+    enqueue(m, vec![change])?;
+    Ok(())
 }

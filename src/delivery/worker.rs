@@ -52,6 +52,15 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         s.db[slot] = unsafe { pg_sys::MyDatabaseId }.to_u32();
         s.pid[slot] = unsafe { pg_sys::MyProcPid };
     }
+    // The worker never waits long for a lock: a DROP EXTENSION or DROP TABLE locks the mirrored
+    // table and the extension's tables in its own order, and waiting in the other order would
+    // end in a deadlock that aborts the user's DDL. Timing out first (below deadlock_timeout's
+    // default 1 s) fails only the worker's step, which is retried.
+    BackgroundWorker::transaction(|| {
+        if let Err(e) = Spi::run("SET lock_timeout = '300ms'") {
+            warning!("pg_redis: could not set the worker's lock_timeout: {e}");
+        }
+    });
     log!("pg_redis: worker started for database \"{db}\"");
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -190,7 +199,8 @@ fn step() -> Step {
     super::commit_wait::serve_waiters();
     set_down(matches!(&delivered, Err(e) if e.is_connection()));
     match delivered {
-        Ok(o) if o.claimed >= batch => Step::Busy,
+        // Waiting for a standby already took up to a second: look again at once.
+        Ok(o) if o.claimed >= batch || o.waiting_for_standby => Step::Busy,
         Ok(o) if o.failed > 0 => Step::Refused,
         Ok(_) => match crate::mirror::backfill::step_any() {
             Ok(true) => Step::Busy,

@@ -4,6 +4,11 @@
 //! security-restricted context with fixed rendering settings; the queue insert runs as the
 //! extension's owner, so writers need no privilege on the internals.
 //!
+//! A mirror without a filter over a table whose columns all have built-in types is captured in
+//! one INSERT ... SELECT as the extension's owner: only PostgreSQL's own code runs then (user
+//! code enters rendering only through a filter or a cast on a user-defined type). Statements of
+//! few rows run through kept plans (src/plans.rs) shaped for few rows.
+//!
 //! Per statement: INSERT → write each new row that passes the filter; DELETE → delete each old
 //! key; UPDATE → delete the old keys that no new row has, then write (or, outside the filter,
 //! delete) each new row's key; TRUNCATE → delete every key of the layout.
@@ -227,6 +232,7 @@ fn capture_in_sql(
     };
     let pass = m.filter_sql();
     // Each change as (part, n, op, key, payload, ev, old_key); queued in (part, n) order.
+    let mut return_one = None;
     let changes = match op {
         PgTriggerOperation::Truncate => format!(
             "SELECT 0 AS part, 1::int8 AS n, 't' AS op, {} AS k, NULL::text AS p, {} AS e, NULL::text AS ok",
@@ -257,6 +263,20 @@ fn capture_in_sql(
             let old = quote_ident(&need(&t.old.map(str::to_string), "OLD")?);
             let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
             let new_op = if m.action == "write" { "CASE WHEN nw.f THEN 's' ELSE 'd' END" } else { "'d'" };
+            if unsafe { one_row_each(td) } {
+                // One row changed (the common UPDATE): plain scans and one-time subqueries: no joins, no sort (Append keeps the
+                // branches' order, so the DEL of a changed key precedes the write).
+                let old_key = format!("(SELECT {key} FROM {old} r)");
+                let new_key = format!("(SELECT {key} FROM {new} r)");
+                let new_op = new_op.replace("nw.f", &format!("({pass})"));
+                return_one = Some(format!(
+                    "SELECT 0 AS part, 0::int8 AS n, 'd' AS op, {old_key} AS k, NULL::text AS p, NULL::text AS e, NULL::text AS ok \
+                      WHERE {old_key} IS DISTINCT FROM {new_key} \
+                     UNION ALL \
+                     SELECT 1, 0, {new_op}, {key}, {payload}, {}, NULLIF({old_key}, {key}) FROM {new} r",
+                    ev("u")
+                ));
+            }
             // Old and new rows come pair by pair in the same order, which gives each new row its
             // old key. Removed keys first: in a statement that swaps keys, DELs precede writes.
             format!(
@@ -271,6 +291,62 @@ fn capture_in_sql(
             )
         }
     };
+    let one_row_update = return_one.is_some();
+    let changes = return_one.unwrap_or(changes);
+    if m.filter.is_none() && m.builtin_types {
+        // Only PostgreSQL's own code renders these rows (no filter, built-in types only): one
+        // INSERT ... SELECT from the transition tables, as the extension's owner.
+        let rows = match op {
+            PgTriggerOperation::Insert => format!(
+                "SELECT {} AS op, {key} AS k, {payload} AS p, {}::text AS e, NULL::text AS ok, 0 AS part, 0 AS n FROM {} r",
+                if m.action == "write" { "'s'" } else { "'d'" },
+                ev("i"),
+                quote_ident(&need(&t.new.map(str::to_string), "NEW")?)
+            ),
+            PgTriggerOperation::Delete => format!(
+                "SELECT 'd' AS op, {key} AS k, NULL::text AS p, {}::text AS e, NULL::text AS ok, 0 AS part, 0 AS n FROM {} r",
+                ev("d"),
+                quote_ident(&need(&t.old.map(str::to_string), "OLD")?)
+            ),
+            _ => changes.clone(),
+        };
+        let ordered = matches!(op, PgTriggerOperation::Update) && !one_row_update;
+        let cacheable = !ordered || unsafe { small_statement(td) };
+        return queue_direct(m, td, &rows, ordered, cacheable);
+    }
+    let small = unsafe { small_statement(td) };
+    if small {
+        // Few rows (the common OLTP statement): fetch the rendered changes as rows and queue them
+        // with a plain INSERT; aggregating them into arrays costs more than it saves here. An
+        // INSERT's or DELETE's rows are rendered in the transition table's order by a plain scan.
+        let rows = match op {
+            PgTriggerOperation::Insert => {
+                let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
+                let (insert_op, keep) = if m.action == "write" {
+                    (
+                        "CASE WHEN r.f THEN 's' ELSE 'n' END",
+                        if stream { "true" } else { "r.f" },
+                    )
+                } else {
+                    ("'d'", "true")
+                };
+                format!(
+                    "SELECT {insert_op}, r.k, r.p, {}::text, NULL::text \
+                       FROM (SELECT {key} AS k, {payload} AS p, {pass} AS f FROM {new} r) r WHERE {keep}",
+                    ev("i")
+                )
+            }
+            PgTriggerOperation::Delete => format!(
+                "SELECT 'd', {key}, NULL::text, {}::text, NULL::text FROM {} r",
+                ev("d"),
+                quote_ident(&need(&t.old.map(str::to_string), "OLD")?)
+            ),
+            _ => format!(
+                "SELECT c.op, c.k, c.p, c.e::text, c.ok FROM ({changes}) c ORDER BY c.part, c.n"
+            ),
+        };
+        return queue_rows(m, td, &rows);
+    }
     let render = format!(
         "SELECT array_agg(c.op ORDER BY c.part, c.n)::\"char\"[], array_agg(c.k ORDER BY c.part, c.n), \
                 array_agg(c.p ORDER BY c.part, c.n), array_agg(c.e ORDER BY c.part, c.n)::\"char\"[], \
@@ -285,6 +361,8 @@ fn capture_in_sql(
                      ORDER BY u.i \
                     RETURNING id) \
                   SELECT min(id), max(id), count(*) FROM ins";
+    // A kept plan is made for the row counts it first saw: a big UPDATE's joins get their own.
+    let cacheable = !matches!(op, PgTriggerOperation::Update);
     let owner = m.owner;
     // The table's name is looked up only for a message: not on every statement.
     let err = |e: pgrx::spi::SpiError| {
@@ -293,8 +371,14 @@ fn capture_in_sql(
     let (lo, hi, n) = with_render_settings(|| {
         Spi::connect_mut(|c| {
             unsafe { pg_sys::SPI_register_trigger_data(td) };
-            let rendered =
-                as_role(owner, true, || c.select(render.as_str(), Some(1), &[]))?.first();
+            let rendered = as_role(owner, true, || {
+                if cacheable {
+                    crate::plans::select_transition(c, m.tbl, &render, Some(1))
+                } else {
+                    c.select(render.as_str(), Some(1), &[])
+                }
+            })?
+            .first();
             let arrays: Vec<Option<pg_sys::Datum>> = (1..=5)
                 .map(|i| rendered.get_datum_by_ordinal(i))
                 .collect::<Result<_, _>>()?;
@@ -316,7 +400,9 @@ fn capture_in_sql(
                     None => pgrx::datum::DatumWithOid::null_oid(oid),
                 });
             }
-            let t = as_role(ext_owner(), true, || c.update(insert, Some(1), &args))?;
+            let t = as_role(ext_owner(), true, || {
+                crate::plans::update(c, insert, Some(1), &args)
+            })?;
             let row = t.first();
             Ok::<_, pgrx::spi::SpiError>((
                 row.get::<i64>(1)?,
@@ -326,13 +412,146 @@ fn capture_in_sql(
         })
     })
     .map_err(err)?;
+    note_commit_mode(m, lo, hi);
+    Ok(n)
+}
+
+/// Whether the statement's transition tables hold few rows: those are rendered through kept
+/// plans (made for few rows) into rows, and queued row by row.
+unsafe fn small_statement(td: *mut pg_sys::TriggerData) -> bool {
+    const SMALL: i64 = 64;
+    let count = |t: *mut pg_sys::Tuplestorestate| {
+        if t.is_null() {
+            0
+        } else {
+            pg_sys::tuplestore_tuple_count(t)
+        }
+    };
+    count((*td).tg_oldtable) <= SMALL && count((*td).tg_newtable) <= SMALL
+}
+
+/// Whether an UPDATE changed exactly one row.
+unsafe fn one_row_each(td: *mut pg_sys::TriggerData) -> bool {
+    let (old, new) = ((*td).tg_oldtable, (*td).tg_newtable);
+    !old.is_null()
+        && !new.is_null()
+        && pg_sys::tuplestore_tuple_count(old) == 1
+        && pg_sys::tuplestore_tuple_count(new) == 1
+}
+
+/// Render a small statement's changes as rows (op, key, payload, ev, old_key) as the table's
+/// owner, then queue them as the extension's owner. Returns the number queued.
+fn queue_rows(m: &Mirror, td: *mut pg_sys::TriggerData, rows_sql: &str) -> Res<i64> {
+    const INSERT_ONE: &str =
+        "INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
+                              VALUES ($1, $2::\"char\", $3, $4, $5::\"char\", $6) RETURNING id, id";
+    const INSERT_MANY: &str = "WITH ins AS ( \
+           INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
+           SELECT $1, u.o::\"char\", u.k, u.p, u.e::\"char\", u.ok \
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+                  WITH ORDINALITY AS u(o, k, p, e, ok, i) \
+            ORDER BY u.i \
+           RETURNING id) \
+         SELECT min(id), max(id) FROM ins";
+    let owner = m.owner;
+    let err = |e: pgrx::spi::SpiError| {
+        Error::Internal(format!("capturing a change of {}: {e}", m.table_name()))
+    };
+    let (lo, hi, n) = with_render_settings(|| {
+        Spi::connect_mut(|c| {
+            unsafe { pg_sys::SPI_register_trigger_data(td) };
+            // op, key, payload, ev, old_key of each change, in queue order
+            let mut cols: [Vec<Option<String>>; 5] = Default::default();
+            as_role(owner, true, || {
+                for r in crate::plans::select_transition(c, m.tbl, rows_sql, None)? {
+                    for (i, col) in cols.iter_mut().enumerate() {
+                        col.push(r.get::<String>(i + 1)?);
+                    }
+                }
+                Ok::<_, pgrx::spi::SpiError>(())
+            })?;
+            let n = cols[0].len() as i64;
+            if n == 0 {
+                return Ok((None, None, 0));
+            }
+            let mut args: Vec<pgrx::datum::DatumWithOid> = vec![m.id.into()];
+            let sql = if n == 1 {
+                args.extend(cols.into_iter().map(|mut v| v.pop().flatten().into()));
+                INSERT_ONE
+            } else {
+                args.extend(cols.into_iter().map(|v| v.into()));
+                INSERT_MANY
+            };
+            let t = as_role(ext_owner(), true, || {
+                crate::plans::update(c, sql, Some(1), &args)
+            })?;
+            let row = t.first();
+            Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?, row.get::<i64>(2)?, n))
+        })
+    })
+    .map_err(err)?;
+    note_commit_mode(m, lo, hi);
+    Ok(n)
+}
+
+/// Queue the rows of `rows_sql` (op, k, p, e, ok, part, n) in one INSERT ... SELECT, as the
+/// extension's owner (security-restricted, fixed rendering settings). Returns the number queued.
+fn queue_direct(
+    m: &Mirror,
+    td: *mut pg_sys::TriggerData,
+    rows_sql: &str,
+    ordered: bool,
+    cacheable: bool,
+) -> Res<i64> {
+    let order = if ordered { " ORDER BY x.part, x.n" } else { "" };
+    let insert = format!(
+        "INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
+         SELECT $1, x.op::\"char\", x.k, x.p, x.e::\"char\", x.ok FROM ({rows_sql}) x{order}"
+    );
+    // Commit mode needs the statement's queue ids (the commit waits for them to be delivered).
+    let sql = if m.mode == "commit" {
+        format!("WITH ins AS ({insert} RETURNING id) SELECT min(id), max(id), count(*) FROM ins")
+    } else {
+        insert
+    };
+    let err = |e: pgrx::spi::SpiError| {
+        Error::Internal(format!("capturing a change of {}: {e}", m.table_name()))
+    };
+    let (lo, hi, n) = with_render_settings(|| {
+        Spi::connect_mut(|c| {
+            unsafe { pg_sys::SPI_register_trigger_data(td) };
+            as_role(ext_owner(), true, || {
+                let args = [m.id.into()];
+                let t = if cacheable {
+                    crate::plans::update_transition(c, m.tbl, &sql, &args)?
+                } else {
+                    c.update(sql.as_str(), None, &args)?
+                };
+                if m.mode == "commit" {
+                    let row = t.first();
+                    Ok::<_, pgrx::spi::SpiError>((
+                        row.get::<i64>(1)?,
+                        row.get::<i64>(2)?,
+                        row.get::<i64>(3)?.unwrap_or(0),
+                    ))
+                } else {
+                    Ok((None, None, t.len() as i64))
+                }
+            })
+        })
+    })
+    .map_err(err)?;
+    note_commit_mode(m, lo, hi);
+    Ok(n)
+}
+
+fn note_commit_mode(m: &Mirror, lo: Option<i64>, hi: Option<i64>) {
     if m.mode == "commit" {
         if let (Some(lo), Some(hi)) = (lo, hi) {
             let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
             crate::delivery::commit_wait::note_commit_mode(xid, lo, hi);
         }
     }
-    Ok(n)
 }
 
 /// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is

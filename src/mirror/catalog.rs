@@ -6,6 +6,8 @@ use super::template::{self, quote_ident, quote_literal};
 use crate::error::{Error, Result};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -24,11 +26,24 @@ pub struct Mirror {
     pub owner: pg_sys::Oid,
     pub state: String,
     pub key_pattern: String,
+    /// Every column of the table has a built-in type: rendering its rows runs only PostgreSQL's
+    /// own code (no user-defined cast to json or text can be involved), so capture may render
+    /// and queue in one statement as the extension's owner.
+    pub builtin_types: bool,
+    /// Every column's SQL type (format_type), by name: read-through turns key values into the
+    /// column's own text rendering with them.
+    pub column_types: Vec<(String, String)>,
 }
 
 const COLS: &str =
     "id, tbl::oid, key_template, key_prefix, format, columns, action, filter, state, key_pattern, ttl_seconds, stream, mode, \
-     (SELECT relowner FROM pg_catalog.pg_class WHERE oid = tbl)";
+     (SELECT relowner FROM pg_catalog.pg_class WHERE oid = tbl), \
+     NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attnum > 0 \
+                    AND NOT a.attisdropped AND a.atttypid >= 16384), \
+     ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), \
+     ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum)";
 
 fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
     let e = |e: pgrx::spi::SpiError| Error::Internal(format!("reading the mirror catalog: {e}"));
@@ -53,18 +68,67 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
             .get::<pg_sys::Oid>(14)
             .map_err(e)?
             .unwrap_or(pg_sys::InvalidOid),
+        builtin_types: row.get::<bool>(15).map_err(e)?.unwrap_or(false),
+        column_types: {
+            let names = row.get::<Vec<String>>(16).map_err(e)?.unwrap_or_default();
+            let types = row.get::<Vec<String>>(17).map_err(e)?.unwrap_or_default();
+            names.into_iter().zip(types).collect()
+        },
     })
 }
 
+thread_local! {
+    /// Each mirrored table's mirror, as capture last read it. Entries go when PostgreSQL
+    /// invalidates the table's relcache entry: the catalog's trigger makes every change of a row
+    /// do that (sql/views.sql), and so does any DDL on the table.
+    static BY_TABLE: RefCell<HashMap<pg_sys::Oid, Mirror>> = RefCell::new(HashMap::new());
+    static FORGET_ALL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from the relcache invalidation callback (src/plans.rs): only forget, nothing else.
+pub fn forget(relid: Option<pg_sys::Oid>) {
+    let done = BY_TABLE
+        .try_with(|m| match m.try_borrow_mut() {
+            Ok(mut m) => {
+                match relid {
+                    Some(r) => m.remove(&r),
+                    None => {
+                        m.clear();
+                        None
+                    }
+                };
+                true
+            }
+            Err(_) => false,
+        })
+        .unwrap_or(false);
+    if !done {
+        let _ = FORGET_ALL.try_with(|f| f.set(true));
+    }
+}
+
+/// The table's mirror, read on every captured statement: kept per backend (see BY_TABLE).
 pub fn by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
+    if FORGET_ALL.with(|f| f.replace(false)) {
+        BY_TABLE.with(|m| m.borrow_mut().clear());
+    }
+    if let Some(m) = BY_TABLE.with(|m| m.borrow().get(&relid).cloned()) {
+        return Ok(Some(m));
+    }
+    let found = read_by_table(relid)?;
+    if let Some(m) = &found {
+        BY_TABLE.with(|c| c.borrow_mut().insert(relid, m.clone()));
+    }
+    Ok(found)
+}
+
+fn read_by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
+    static SQL: once_cell::sync::Lazy<String> = once_cell::sync::Lazy::new(|| {
+        format!("SELECT {COLS} FROM redis_internal.mirrors WHERE tbl = $1")
+    });
     as_role(ext_owner(), false, || {
         Spi::connect(|c| {
-            let rows = c
-                .select(
-                    &format!("SELECT {COLS} FROM redis_internal.mirrors WHERE tbl = $1"),
-                    Some(1),
-                    &[relid.into()],
-                )
+            let rows = crate::plans::select(c, &SQL, Some(1), &[relid.into()])
                 .map_err(|e| Error::Internal(e.to_string()))?;
             match rows.into_iter().next() {
                 Some(r) => from_row(&r).map(Some),
@@ -128,7 +192,7 @@ impl Mirror {
     /// JSON of the row aliased `r`: `row_to_json` typing, only the chosen columns.
     pub fn row_json_sql(&self) -> String {
         match &self.columns {
-            None => "pg_catalog.row_to_json(r)::text".into(),
+            None => "pg_catalog.row_to_json(r.*)::text".into(),
             Some(cols) => {
                 let args: Vec<String> = cols
                     .iter()

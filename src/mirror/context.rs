@@ -28,7 +28,21 @@ pub fn ext_owner() -> pg_sys::Oid {
 
 /// Run `f` as `role`. With `restricted`, as a security-restricted operation (no SET ROLE, no
 /// temp objects), the way PostgreSQL runs maintenance code as a table's owner.
+///
+/// The caller's search_path never applies to what runs as someone else: an operator or function
+/// the caller put earlier in the path would otherwise run with `role`'s rights (a writer could
+/// make itself superuser through the extension owner's internal queries). Internal SQL is
+/// written for `pg_catalog, pg_temp` and standard_conforming_strings on.
 pub fn as_role<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> R {
+    with_settings(&SAFE_SETTINGS, || as_role_only(role, restricted, f))
+}
+
+const SAFE_SETTINGS: [(&str, &str); 2] = [
+    ("search_path", "pg_catalog, pg_temp"),
+    ("standard_conforming_strings", "on"),
+];
+
+fn as_role_only<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> R {
     let mut save_uid = pg_sys::InvalidOid;
     let mut save_ctx = 0i32;
     unsafe {
@@ -47,19 +61,34 @@ pub fn as_role<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) ->
 /// Run `f` with the settings that make rendering independent of the session: UTC timestamps,
 /// ISO dates, full-precision floats, hex bytea, and a search_path of pg_catalog only.
 pub fn with_render_settings<R>(f: impl FnOnce() -> R) -> R {
+    with_settings(
+        &[
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO, YMD"),
+            ("IntervalStyle", "postgres"),
+            ("extra_float_digits", "1"),
+            ("bytea_output", "hex"),
+            ("search_path", "pg_catalog, pg_temp"),
+            ("standard_conforming_strings", "on"),
+        ],
+        f,
+    )
+}
+
+/// Run `f` with the settings given (session-local, undone afterwards and on error).
+fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
     let nest = unsafe { pg_sys::NewGUCNestLevel() };
-    for (name, value) in [
-        ("TimeZone", "UTC"),
-        ("DateStyle", "ISO, YMD"),
-        ("IntervalStyle", "postgres"),
-        ("extra_float_digits", "1"),
-        ("bytea_output", "hex"),
-        ("search_path", "pg_catalog, pg_temp"),
-    ] {
+    for &(name, value) in settings {
         let (n, v) = (
             CString::new(name).unwrap_or_default(),
             CString::new(value).unwrap_or_default(),
         );
+        // Most sessions already have most of these: setting a GUC is not free (search_path
+        // also makes the next name lookup recompute the path), so only what differs is set.
+        let current = unsafe { pg_sys::GetConfigOption(n.as_ptr(), true, false) };
+        if !current.is_null() && unsafe { std::ffi::CStr::from_ptr(current) } == v.as_c_str() {
+            continue;
+        }
         unsafe {
             pg_sys::set_config_option(
                 n.as_ptr(),

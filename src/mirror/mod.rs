@@ -194,6 +194,9 @@ fn mirror(
             || p.key_prefix != key_prefix
             || p.format != format
             || p.columns != columns
+            // Rows a new filter leaves out (or an invalidate-only mirror) must lose their keys.
+            || p.filter.as_deref() != filter
+            || p.action != action
     });
     let id: i32 = as_role(ext_owner(), false, || {
         Spi::get_one_with_args::<i32>(
@@ -419,7 +422,7 @@ fn redis_drain(max_changes: default!(Option<i32>, "NULL")) -> i64 {
         let o = crate::delivery::deliver::deliver_batch(batch.min(left), true).or_raise();
         delivered += o.delivered as i64;
         left = left.saturating_sub(o.claimed);
-        if o.claimed == 0 || o.failed > 0 {
+        if o.claimed == 0 || o.failed > 0 || o.waiting_for_standby {
             break;
         }
         pgrx::check_for_interrupts!();
@@ -516,6 +519,24 @@ pub mod redis_internal {
     #[pg_extern(volatile, parallel_unsafe)]
     fn wake_worker() {
         crate::delivery::wake_at_commit();
+    }
+
+    /// A row of the mirror catalog changed (its trigger calls this): make every backend drop
+    /// what it keeps of the table's mirror (capture caches it) at its next use of the table.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn forget_mirror(tbl: pg_sys::Oid) {
+        unsafe {
+            // A dropped table has no relcache entry left to invalidate.
+            if pg_sys::SearchSysCacheExists(
+                pg_sys::SysCacheIdentifier::RELOID as i32,
+                pg_sys::Datum::from(tbl),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            ) {
+                pg_sys::CacheInvalidateRelcacheByRelid(tbl);
+            }
+        }
     }
 
     /// After ALTER TABLE on a mirrored table: refuse the change if the mirror's key template,

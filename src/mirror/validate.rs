@@ -25,7 +25,7 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
             .select(
                 "SELECT c.relkind::text, c.relpersistence::text, c.relrowsecurity, \
                         pg_catalog.pg_has_role(c.relowner, 'USAGE'), c.oid::regclass::text, \
-                        n.nspname = 'public', c.relname::text \
+                        n.nspname = 'public', c.relname::text, c.relispartition \
                    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                   WHERE c.oid = $1",
                 Some(1),
@@ -44,9 +44,10 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
             r.get::<String>(5).map_err(spi_err)?.unwrap_or_default(),
             r.get::<bool>(6).map_err(spi_err)?.unwrap_or(false),
             r.get::<String>(7).map_err(spi_err)?.unwrap_or_default(),
+            r.get::<bool>(8).map_err(spi_err)?.unwrap_or(false),
         ))
     })?;
-    let (kind, persistence, rls, owner, name, is_public, relname) = row;
+    let (kind, persistence, rls, owner, name, is_public, relname, partition) = row;
     let wrong = |what: &str| {
         Err(Error::WrongObject(format!(
             "redis_mirror: \"{name}\" is {what}; only ordinary, permanent tables can be mirrored"
@@ -54,7 +55,7 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
     };
     match kind.as_str() {
         "r" => {}
-        "p" => return wrong("a partitioned table (not supported yet: mirror each partition)"),
+        "p" => return wrong("a partitioned table (not supported yet)"),
         "v" => return wrong("a view"),
         "m" => return wrong("a materialized view"),
         "f" => return wrong("a foreign table"),
@@ -62,6 +63,10 @@ pub fn table(relid: pg_sys::Oid) -> Result<TableInfo> {
     }
     if persistence == "t" {
         return wrong("a temporary table");
+    }
+    if partition {
+        // Statement triggers on a partition do not fire for writes made through its parent.
+        return wrong("a partition (writes through its partitioned table would not be captured; partitioned tables are not supported yet)");
     }
     if !owner {
         return Err(Error::Privilege(format!(
@@ -269,18 +274,26 @@ pub fn in_subtransaction<R>(
 }
 
 /// `redis_fetch` and `redis_verify` read a table's rows for the caller: the caller needs SELECT.
-pub fn require_select(relid: pg_sys::Oid, what: &str, table: &str) -> Result<()> {
-    let may = crate::spi_read::one::<bool>(
-        "SELECT pg_catalog.has_table_privilege($1, 'SELECT')",
-        &[relid.into()],
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
+/// SELECT on the table for the current role (as has_table_privilege: table-level), checked
+/// directly — redis_fetch runs it on every call. `table` names it in the error.
+pub fn require_select(
+    relid: pg_sys::Oid,
+    what: &str,
+    table: impl FnOnce() -> String,
+) -> Result<()> {
+    let may = unsafe {
+        pg_sys::pg_class_aclcheck(
+            relid,
+            pg_sys::GetUserId(),
+            pg_sys::ACL_SELECT as pg_sys::AclMode,
+        )
+    } == pg_sys::AclResult::ACLCHECK_OK;
     if may {
         Ok(())
     } else {
         Err(Error::Privilege(format!(
-            "{what}: permission denied for table {table}"
+            "{what}: permission denied for table {}",
+            table()
         )))
     }
 }

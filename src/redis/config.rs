@@ -48,6 +48,7 @@ thread_local! {
 
 pub fn current() -> Result<Target> {
     let url = settings::url();
+    crate::error::remember_url_secrets(&url);
     let password_file = settings::password_file();
     let topology = settings::topology();
     let master = settings::sentinel_master();
@@ -101,6 +102,12 @@ fn parse(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Also `unix:///s.sock?pass=...`, decoded: scrubbed from every message (error::redact).
+    for n in &nodes {
+        if let Some(p) = n.redis_settings().password() {
+            crate::error::remember_secret(p);
+        }
+    }
     let is_tls = |n: &ConnectionInfo| matches!(n.addr(), ConnectionAddr::TcpTls { .. });
     let tls = nodes.iter().any(is_tls);
     if tls && !nodes.iter().all(is_tls) {
@@ -205,6 +212,7 @@ impl Target {
         if let Some(path) = &self.password_file {
             let password = read_secret_file(path, "pg_redis.password_file")?;
             let password = password.trim_end_matches(['\n', '\r']).to_string();
+            crate::error::remember_secret(&password);
             nodes = nodes
                 .into_iter()
                 .map(|n| {

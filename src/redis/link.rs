@@ -78,9 +78,32 @@ thread_local! {
     static ABANDONED: RefCell<Vec<ClientId>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Redis refuses a bulk argument longer than its proto-max-bulk-len (512 MB by default) by
+/// closing the connection, which would read as a connection failure: say what it is instead.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
+fn check_sizes(c: &Call, cmd: &Cmd) -> Result<()> {
+    for arg in cmd.args_iter() {
+        if let redis::Arg::Simple(b) = arg {
+            if b.len() > MAX_BULK {
+                return Err(crate::error::Error::BadReply {
+                    what: c.what.to_string(),
+                    why: format!(
+                        "an argument of {} bytes is longer than Redis accepts (512 MB)",
+                        b.len()
+                    ),
+                    code: pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run one command; returns its reply (server error replies come back as `Value::ServerError`).
 /// In a cluster it is routed by its key; multi-key DEL/MGET/... are split per node.
 pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
+    check_sizes(c, cmd)?;
     let mut v = run(c, Request::Cmds(vec![cmd.clone()]))?;
     Ok(v.pop().unwrap_or(Value::Nil))
 }
@@ -90,6 +113,9 @@ pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
 pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
     if cmds.is_empty() {
         return Ok(vec![]);
+    }
+    for cmd in cmds {
+        check_sizes(c, cmd)?;
     }
     run(c, Request::Cmds(cmds.to_vec()))
 }
@@ -107,6 +133,7 @@ pub fn masters(c: &Call) -> Result<Vec<String>> {
 
 /// Run one command on one of `masters()`.
 pub fn on_node(c: &Call, node: &str, cmd: &Cmd) -> Result<Value> {
+    check_sizes(c, cmd)?;
     let mut v = run(c, Request::OnNode(node.to_string(), cmd.clone()))?;
     Ok(v.pop().unwrap_or(Value::Nil))
 }

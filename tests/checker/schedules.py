@@ -111,6 +111,10 @@ SCHEDULES: dict[str, Schedule] = {s.name: s for s in [
              "commits the standby never received", kinds=[],
              fixed=["redis_pause", "failover", "redis_kill", "pg_crash"], repeat=False, gap=(2.0, 4.0),
              standby="async", first_at=8.0),
+    Schedule("failover-async-wait", "as failover-async, with pg_redis.standby_names = '*': the worker "
+             "delivers only what the standby has flushed, so Redis is never ahead of the promoted database",
+             kinds=[], fixed=["redis_pause", "failover", "redis_kill", "pg_crash"], repeat=False, gap=(2.0, 4.0),
+             standby="async", first_at=8.0, conf=["pg_redis.standby_names = '*'"]),
     Schedule("ci", "short fixed sequence for CI: one fault of each kind", kinds=ALL_KINDS, gap=(1.0, 2.0),
              fixed=["redis_pause", "client_kill", "pg_crash", "redis_kill", "worker_kill", "redis_oom"]),
 ]}

@@ -1,0 +1,42 @@
+-- pg_redis 0.1.0 -> 0.2.0 (ALTER EXTENSION pg_redis UPDATE). Released upgrade scripts are never
+-- edited: a later change gets a script of its own. The 0.2.0 library must be installed first
+-- (it runs the 0.1.0 objects correctly until this script has run).
+
+-- Capture keeps each table's mirror in backend memory: a change of a catalog row invalidates the
+-- table's relcache entry, which makes every backend read the row again.
+CREATE FUNCTION redis_internal."forget_mirror"(
+	"tbl" oid /* pg_sys :: Oid */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'forget_mirror_wrapper';
+REVOKE ALL ON FUNCTION redis_internal.forget_mirror(oid) FROM PUBLIC;
+
+CREATE FUNCTION redis_internal.on_mirrors_change() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+  IF TG_OP <> 'INSERT' THEN PERFORM redis_internal.forget_mirror(OLD.tbl::oid); END IF;
+  IF TG_OP <> 'DELETE' THEN PERFORM redis_internal.forget_mirror(NEW.tbl::oid); END IF;
+  RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION redis_internal.on_mirrors_change() FROM PUBLIC;
+CREATE TRIGGER pg_redis_mirrors_change AFTER INSERT OR UPDATE OR DELETE ON redis_internal.mirrors
+  FOR EACH ROW EXECUTE FUNCTION redis_internal.on_mirrors_change();
+
+-- CALL redis_backfill(NULL) is refused instead of looping.
+CREATE OR REPLACE PROCEDURE redis_backfill(tbl regclass)
+LANGUAGE plpgsql AS $$
+DECLARE
+  r record;
+BEGIN
+  IF tbl IS NULL THEN
+    RAISE EXCEPTION 'pg_redis: redis_backfill: the table must not be NULL' USING ERRCODE = '22023';
+  END IF;
+  LOOP
+    SELECT * INTO r FROM redis_backfill_step(tbl);
+    PERFORM redis_drain();
+    RAISE NOTICE 'pg_redis: backfill of %: % of about % rows queued and delivered', tbl, r.rows_done, r.rows_total;
+    COMMIT;
+    EXIT WHEN r.done IS NOT FALSE;
+  END LOOP;
+END $$;
