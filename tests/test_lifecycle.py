@@ -63,3 +63,20 @@ def test_drop_extension_lists_and_removes_the_capture_triggers(make_pg, make_red
         assert one(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'lc_t'::regclass") == 0
         c.execute("INSERT INTO lc_t VALUES (1)")  # writes go on without the extension
         assert one(c, "SELECT count(*) FROM pg_namespace WHERE nspname = 'redis_internal'") == 0
+
+
+def test_a_database_that_is_not_utf8_is_refused_clearly(make_pg, make_redis):
+    """docs/reference.md (Encodings): pg_redis passes UTF-8 text through unconverted, so it refuses
+    a LATIN1 database at CREATE EXTENSION instead of storing mojibake later."""
+    redis_srv = make_redis()
+    pg = make_pg(conf_lines=[f"pg_redis.url = '{redis_srv.url}'"], preload=True)
+    with pg.connect() as c:
+        c.execute("CREATE DATABASE lc_latin1 ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    with pg.connect(dbname="lc_latin1") as c:
+        with pytest.raises(psycopg.Error) as e:
+            c.execute("CREATE EXTENSION pg_redis")
+        assert e.value.sqlstate == "0A000", e.value
+        msg = e.value.diag.message_primary
+        assert msg.startswith("pg_redis:") and "LATIN1" in msg and "UTF8" in msg, msg
+        assert "ENCODING" in (e.value.diag.message_hint or ""), e.value.diag.message_hint
+        assert one(c, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_redis'") == 0

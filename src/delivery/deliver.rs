@@ -36,6 +36,9 @@ struct Queued {
     xid: String,
     /// Set for sync-mode mirrors: writes carry versions (delivery::versioned).
     versions: Option<String>,
+    /// Where the row is: delivered rows are deleted by TID (one deliverer at a time, so the
+    /// rows cannot move meanwhile), much cheaper than an index probe per id.
+    ctid: String,
 }
 
 #[derive(Default, Debug)]
@@ -83,7 +86,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                 "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
                         extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
                         m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text, \
-                        CASE WHEN m.mode = 'sync' THEN m.key_prefix END \
+                        CASE WHEN m.mode = 'sync' THEN m.key_prefix END, q.ctid::text \
                    FROM redis_internal.queue q LEFT JOIN redis_internal.mirrors m ON m.id = q.mirror_id \
                   ORDER BY q.id LIMIT $1",
                 None,
@@ -110,6 +113,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                         .get::<String>(15)
                         .map_err(spi_err)?
                         .map(|p| super::versioned::version_hash(&p, r_mirror_id(&r))),
+                    ctid: r.get::<String>(16).map_err(spi_err)?.unwrap_or_default(),
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -422,6 +426,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             || last_purge.get(&q.mirror_id).is_some_and(|&j| j > i)
     };
     let mut done: Vec<i64> = vec![];
+    let mut done_tids: Vec<String> = vec![];
     let mut failed_ids: Vec<i64> = vec![];
     let mut failed_errs: Vec<String> = vec![];
     let mut transient_failures = 0usize;
@@ -431,10 +436,14 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         match r {
             Ok(()) => {
                 done.push(q.id);
+                done_tids.push(q.ctid.clone());
                 s.0 += 1;
                 s.2 = q.age_ms;
             }
-            Err(_) if superseded(i, q) => done.push(q.id),
+            Err(_) if superseded(i, q) => {
+                done.push(q.id);
+                done_tids.push(q.ctid.clone());
+            }
             Err(e) => {
                 s.1 += 1;
                 s.3 = Some(format!(
@@ -454,8 +463,8 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         }
     }
     crate::plans::run(
-        "DELETE FROM redis_internal.queue WHERE id = ANY($1)",
-        &[done.clone().into()],
+        "DELETE FROM redis_internal.queue WHERE ctid = ANY($1::text[]::tid[])",
+        &[done_tids.into()],
     )
     .map_err(spi_err)?;
     if !failed_ids.is_empty() {

@@ -22,6 +22,8 @@ pub struct WorkerSlots {
     pub pid: [i32; MAX_WORKERS],
     /// The worker's last attempt to reach Redis failed (commit-mode waits end at once).
     pub down: [bool; MAX_WORKERS],
+    /// This life of the shared memory: stamped on first use, lost with it at a crash restart.
+    pub life: i64,
 }
 unsafe impl PGRXSharedMemory for WorkerSlots {}
 
@@ -138,4 +140,18 @@ unsafe extern "C-unwind" fn subxact_callback(
             commit_wait::set_latch_of(pid);
         }
     }
+}
+
+/// A stamp of this life of the server: it changes at every start *and at every crash restart*
+/// (shared memory is made anew then; the postmaster's start time is not), so that anything
+/// tagged before a crash — xids whose WAL was lost are handed out again — is recognised.
+pub fn server_life() -> i64 {
+    if !preloaded() {
+        return unsafe { pg_sys::PgStartTime };
+    }
+    let mut s = SLOTS.exclusive();
+    if s.life == 0 {
+        s.life = unsafe { pg_sys::GetCurrentTimestamp() };
+    }
+    s.life
 }

@@ -40,8 +40,9 @@ pub fn push(
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
     let reg = registry(&m.key_prefix, db);
-    // The server's start time tags the xid: after a crash, xids whose WAL was lost are handed
-    // out again, so an entry from an earlier life of the server is always repaired.
+    // A stamp of this life of the server (new at every start and crash restart) tags the xid:
+    // after a crash, xids whose WAL was lost are handed out again, so an entry from an earlier
+    // life of the server is always repaired.
     let member = format!("{xid}@{}", server_life());
     let entries = format!("{reg}:{member}");
     let mut cmds = vec![];
@@ -182,9 +183,8 @@ pub fn clean(done: Vec<(String, String, String)>) -> Result<()> {
     Ok(())
 }
 
-/// When this server (postmaster) started, in microseconds since the PostgreSQL epoch.
 fn server_life() -> i64 {
-    unsafe { pg_sys::PgStartTime }
+    super::server_life()
 }
 
 fn members(what: &str, v: Value) -> Result<Vec<String>> {
