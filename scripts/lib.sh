@@ -9,10 +9,11 @@ export PG_REDIS_ROOT
 
 # cargo-pgrx reads its config (which pg_config to use) from $PGRX_HOME/config.toml.
 # Keep it in the repo so nothing depends on ~/.pgrx.
-export PGRX_HOME="$PG_REDIS_ROOT/pgrx-config"
+# An already exported PGRX_HOME wins (a relocated PostgreSQL for a second checkout).
+export PGRX_HOME="${PGRX_HOME:-$PG_REDIS_ROOT/pgrx-config}"
 
 PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
-PG_BINDIR="/usr/lib/postgresql/15/bin"
+PG_BINDIR="${PG_BINDIR:-$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)}"
 export PG_CONFIG PG_BINDIR
 
 # cargo installs binaries under ~/.cargo/bin; make sure they are found.

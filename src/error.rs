@@ -31,6 +31,9 @@ pub enum Error {
     /// Object of the wrong kind (42809).
     #[error("pg_redis: {0}")]
     WrongObject(String),
+    /// Not available in this configuration, e.g. sync mode on a Redis Cluster (0A000).
+    #[error("pg_redis: {0}")]
+    NotSupported(String),
     /// A reply that does not fit the SQL return type (invalid UTF-8: 22021, too large: 54000).
     #[error("pg_redis: {what}: {why}")]
     BadReply {
@@ -65,6 +68,7 @@ impl Error {
             Error::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             Error::Privilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Error::WrongObject(_) => ERRCODE_WRONG_OBJECT_TYPE,
+            Error::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             Error::BadReply { code, .. } => *code,
             Error::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
@@ -201,6 +205,38 @@ fn redact_urls(text: &str) -> String {
         rest = &tail[end..];
     }
     out.push_str(rest);
+    redact_query(&out)
+}
+
+/// `unix:///path?pass=secret` and `?password=secret`: the password as a URL query parameter.
+fn redact_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("pass") {
+        let (head, tail) = rest.split_at(pos);
+        let at_param = head.ends_with('?') || head.ends_with('&');
+        let name_len = if tail.starts_with("password=") {
+            9
+        } else if tail.starts_with("pass=") {
+            5
+        } else {
+            0
+        };
+        out.push_str(head);
+        if at_param && name_len > 0 {
+            out.push_str(&tail[..name_len]);
+            out.push_str("***");
+            let value = &tail[name_len..];
+            let end = value
+                .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'' || c == ',')
+                .unwrap_or(value.len());
+            rest = &value[end..];
+        } else {
+            out.push_str(&tail[..4]);
+            rest = &tail[4..];
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -216,5 +252,11 @@ mod tests {
         assert_eq!(redact("rediss://u:p@a@h:1"), "rediss://u:***@h:1");
         assert_eq!(redact("redis://h:1/0"), "redis://h:1/0");
         assert_eq!(redact("redis://user@h"), "redis://user@h");
+        assert_eq!(
+            redact("unix:///s.sock?db=1&pass=s3cret&user=u"),
+            "unix:///s.sock?db=1&pass=***&user=u"
+        );
+        assert_eq!(redact("unix:///s?password=p q"), "unix:///s?password=*** q");
+        assert_eq!(redact("passing pass=x"), "passing pass=x");
     }
 }

@@ -74,6 +74,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         delivery::init_preloaded();
+        redis::failover::init_preloaded();
     }
 }
 

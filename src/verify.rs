@@ -127,6 +127,20 @@ pub(crate) fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
     Ok(tally)
 }
 
+/// The SCAN pass of `redis_verify` with repair, alone: queue a delete for every key of the
+/// mirror's layout that has no row (inside the filter). Takes no row locks. After a failover it
+/// removes what deletes the new master lost (`delivery::after_failover`). Returns the deletes.
+pub(crate) fn remove_extra(m: &Mirror) -> Result<i64> {
+    let qualified = crate::mirror::backfill::qualified(m.tbl)?;
+    let owner = catalog::table_owner(m.tbl)?;
+    let mut tally = Tally::default();
+    check_extra(m, &qualified, owner, true, &mut tally)?;
+    if tally.repaired > 0 {
+        crate::delivery::wake_at_commit();
+    }
+    Ok(tally.repaired)
+}
+
 fn check_rows(
     m: &Mirror,
     qualified: &str,
@@ -315,34 +329,12 @@ fn check_extra(
         batch_conds.join(" AND "),
         m.filter_sql()
     );
-    let mut cursor = "0".to_string();
     let what = format!("SCAN MATCH {:?}", m.key_pattern);
-    loop {
-        let reply = value::check(
-            &what,
-            call(
-                &Call::new(&what),
-                cmd("SCAN")
-                    .arg(&cursor)
-                    .arg("MATCH")
-                    .arg(&m.key_pattern)
-                    .arg("COUNT")
-                    .arg(1000),
-            )?,
-        )?;
-        let Value::Array(mut page) = reply else {
-            return Err(value::unexpected(&what, &reply));
-        };
-        let keys = page.pop().unwrap_or(Value::Nil);
-        cursor =
-            value::text(&what, page.pop().unwrap_or(Value::Nil))?.unwrap_or_else(|| "0".into());
-        let keys: Vec<String> = match keys {
-            Value::Array(k) => k
-                .into_iter()
-                .filter_map(|v| value::text(&what, v).ok().flatten())
-                .collect(),
-            _ => vec![],
-        };
+    crate::redis::scan::each_page(&what, &m.key_pattern, |page| {
+        let keys: Vec<String> = page
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect();
         tally.redis_keys += keys.len() as i64;
         let present = rows_exist(m, &parts, cols.len(), &batch_probe, &probe, owner, &keys);
         let mut fixes = vec![];
@@ -357,10 +349,8 @@ fn check_extra(
             enqueue(m, fixes)?;
         }
         pgrx::check_for_interrupts!();
-        if cursor == "0" {
-            return Ok(());
-        }
-    }
+        Ok(())
+    })
 }
 
 /// For each key: does a row (inside the filter) exist for it? One query per SCAN page; if a key

@@ -383,45 +383,19 @@ pub fn verdict(replies: &[Value]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Delete every key matching a layout's pattern (TRUNCATE, purge, re-key), SCAN-based.
+/// Delete every key matching a layout's pattern (TRUNCATE, purge, re-key), SCAN-based (on every
+/// master of a cluster).
 pub fn purge_pattern(pattern: &str) -> Result<i64> {
-    let mut cursor = "0".to_string();
-    let mut removed = 0i64;
     let what = format!("SCAN MATCH {pattern:?}");
-    loop {
-        let reply = call(
-            &Call::new(&what),
-            cmd("SCAN")
-                .arg(&cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000),
-        )?;
-        let reply = value::check(&what, reply)?;
-        let Value::Array(mut parts) = reply else {
-            return Err(value::unexpected(&what, &reply));
-        };
-        let keys = parts.pop().unwrap_or(Value::Nil);
-        let next = parts.pop().unwrap_or(Value::Nil);
-        cursor = value::text(&what, next)?.unwrap_or_else(|| "0".into());
-        if let Value::Array(keys) = keys {
-            let keys: Vec<Vec<u8>> = keys
-                .into_iter()
-                .filter_map(|k| match k {
-                    Value::BulkString(b) => Some(b),
-                    _ => None,
-                })
-                .collect();
-            if !keys.is_empty() {
-                let r = call(&Call::new(&what), cmd("UNLINK").arg(&keys))?;
-                removed += value::int(&what, r)?;
-            }
+    let mut removed = 0i64;
+    crate::redis::scan::each_page(&what, pattern, |keys| {
+        if !keys.is_empty() {
+            let r = call(&Call::new(&what), cmd("UNLINK").arg(&keys))?;
+            removed += value::int(&what, r)?;
         }
-        if cursor == "0" {
-            return Ok(removed);
-        }
-    }
+        Ok(())
+    })?;
+    Ok(removed)
 }
 
 /// Record the batch's results: delete what landed (and failures superseded by a later change of
@@ -538,6 +512,8 @@ fn transient(reply: &str) -> bool {
         "TRYAGAIN",
         "CLUSTERDOWN",
         "READONLY",
+        // min-replicas-to-write: a master cut off from its replicas (before a failover).
+        "NOREPLICAS",
     ]
     .iter()
     .any(|p| reply.starts_with(p))

@@ -2,6 +2,7 @@
 //! the worker and `redis_drain()` together keep per-key commit order. Backends wake the worker
 //! at COMMIT through its latch, found in shared memory.
 
+pub mod after_failover;
 pub mod commit_wait;
 pub mod deliver;
 pub mod sync_mode;

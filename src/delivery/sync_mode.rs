@@ -31,6 +31,12 @@ pub fn push(
     changes: &[(&'static str, String, Option<String>)],
     ids: &[i64],
 ) -> Result<()> {
+    if crate::redis::is_cluster() {
+        return Err(super::versioned::not_on_cluster(&format!(
+            "writing to {}",
+            m.table_name()
+        )));
+    }
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
     let reg = registry(&m.key_prefix, db);

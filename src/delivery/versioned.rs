@@ -33,6 +33,14 @@ end
 return 1
 "#;
 
+/// Sync mode writes a key and its mirror's version hash in one script: two keys that a Redis
+/// Cluster keeps in different slots, so it is refused there (docs/topologies.md).
+pub fn not_on_cluster(what: &str) -> crate::error::Error {
+    crate::error::Error::NotSupported(format!(
+        "{what}: mode 'sync' is not supported with pg_redis.topology = 'cluster'; use mode 'commit' (read-your-writes after COMMIT) or 'queue'"
+    ))
+}
+
 pub fn version_hash(key_prefix: &str, mirror_id: i32) -> String {
     format!("{key_prefix}pg_redis:ver:{mirror_id}")
 }

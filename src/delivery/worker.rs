@@ -76,6 +76,7 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         }
+        super::after_failover::repair_if_due();
         let (step, repaired) = BackgroundWorker::transaction(|| {
             // An ERROR inside a step (a lost race with a DROP, a bug) rolls back that step only:
             // the worker logs it and goes on instead of dying.

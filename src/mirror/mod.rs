@@ -91,6 +91,9 @@ fn mirror(
                 "redis_mirror: mode '{mode}' needs the background worker: add pg_redis to shared_preload_libraries and this database to pg_redis.databases"
             )))
         }
+        "sync" if crate::redis::is_cluster() => {
+            return Err(crate::delivery::versioned::not_on_cluster("redis_mirror"))
+        }
         "commit" | "sync" => {}
         other => {
             return Err(invalid(format!(

@@ -1,4 +1,5 @@
-//! The per-process link to Redis: a helper thread owning a redis-rs connection, a channel for
+//! The per-process link to Redis: a helper thread owning a redis-rs connection (any kind of
+//! `conn::Conn`: one server, the master found through the sentinels, or a cluster), a channel for
 //! requests and answers, and a pipe whose read end the main thread waits on with
 //! `WaitLatchOrSocket`, together with its latch (which cancels and timeouts set).
 //!
@@ -7,12 +8,16 @@
 //! - A link whose call timed out or was interrupted is never reused: redis-rs may then read a
 //!   stale reply. The next link kills the abandoned client on the server (`CLIENT KILL ID .. ADDR ..`)
 //!   before sending anything, so a pipeline stuck in the old connection cannot land after newer
-//!   writes (Redis is single-threaded: once the kill is answered, the old client is gone).
+//!   writes (Redis is single-threaded: once the kill is answered, the old client is gone). In a
+//!   cluster, the old link's client on every master is killed.
+//! - With sentinel, a READONLY reply means our master was demoted: the link is dropped so that the
+//!   next call asks the sentinels again; a single command refused that way is sent once more.
 
-use super::config::{self, Target};
+use super::config::{self, Connector, Target, Topology};
+use super::conn::{self, ClientId, Request};
 use crate::error::{Error, Result};
 use pgrx::pg_sys;
-use redis::{Cmd, ConnectionLike, Value};
+use redis::{Cmd, Value};
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
@@ -35,30 +40,44 @@ impl<'a> Call<'a> {
 }
 
 struct Job {
-    packed: Vec<u8>,
-    count: usize,
+    req: Request,
     timeout: Option<Duration>,
 }
 
-type Answer = std::result::Result<Vec<Value>, redis::RedisError>;
+/// What the helper sends back.
+enum Msg {
+    /// Connected, before the job runs (a job may never answer: a BLPOP cancelled): who we are
+    /// on the server(s), so that an abandoned call can be killed, and with sentinel the master.
+    Connected(Vec<ClientId>, Option<String>),
+    Answer(Answer),
+}
+
+/// The result of one job.
+struct Answer {
+    values: std::result::Result<Vec<Value>, redis::RedisError>,
+    /// Our clients moved (a cluster reconnected to other nodes).
+    clients: Option<Vec<ClientId>>,
+    /// Sentinel: the server answered READONLY (demoted); the helper has dropped the connection.
+    readonly: bool,
+}
 
 struct Link {
     fingerprint: String,
     display_addr: String,
     jobs: mpsc::Sender<Job>,
-    answers: mpsc::Receiver<(Answer, Option<(i64, String)>)>,
+    answers: mpsc::Receiver<Msg>,
     wake: OwnedFd,
-    /// The server-side identity of the connection (CLIENT ID, ADDR), once connected.
-    client: Option<(i64, String)>,
+    connected: bool,
+    /// The server-side identities of the connection (CLIENT ID, ADDR), once connected.
+    clients: Vec<ClientId>,
 }
 
 thread_local! {
     static LINK: RefCell<Option<Link>> = const { RefCell::new(None) };
-    /// A client abandoned mid-call, to be killed by the next link before it sends anything.
-    static ABANDONED: RefCell<Option<(i64, String)>> = const { RefCell::new(None) };
+    /// Clients abandoned mid-call, to be killed by the next link before it sends anything.
+    static ABANDONED: RefCell<Vec<ClientId>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Run one command; returns its reply (server error replies come back as `Value::ServerError`).
 /// Redis refuses a bulk argument longer than its proto-max-bulk-len (512 MB by default) by
 /// closing the connection, which would read as a connection failure: say what it is instead.
 const MAX_BULK: usize = 512 * 1024 * 1024;
@@ -81,31 +100,59 @@ fn check_sizes(c: &Call, cmd: &Cmd) -> Result<()> {
     Ok(())
 }
 
+/// Run one command; returns its reply (server error replies come back as `Value::ServerError`).
+/// In a cluster it is routed by its key; multi-key DEL/MGET/... are split per node.
 pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
     check_sizes(c, cmd)?;
-    let mut v = run(c, cmd.get_packed_command(), 1)?;
+    let mut v = run(c, Request::Cmds(vec![cmd.clone()]))?;
     Ok(v.pop().unwrap_or(Value::Nil))
 }
 
-/// Run a pipeline of commands in one round trip; one reply per command, in order.
+/// Run a pipeline of commands in one round trip (per node in a cluster); one reply per command,
+/// in order.
 pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
     if cmds.is_empty() {
         return Ok(vec![]);
     }
-    let mut packed = Vec::new();
     for cmd in cmds {
         check_sizes(c, cmd)?;
-        cmd.write_packed_command(&mut packed);
     }
-    run(c, packed, cmds.len())
+    run(c, Request::Cmds(cmds.to_vec()))
 }
 
-fn run(c: &Call, packed: Vec<u8>, count: usize) -> Result<Vec<Value>> {
+/// The masters to visit for keyspace-wide commands (SCAN): one for a single server.
+pub fn masters(c: &Call) -> Result<Vec<String>> {
+    run(c, Request::Masters)?
+        .into_iter()
+        .map(|v| match v {
+            Value::BulkString(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+            other => Err(super::value::unexpected(c.what, &other)),
+        })
+        .collect()
+}
+
+/// Run one command on one of `masters()`.
+pub fn on_node(c: &Call, node: &str, cmd: &Cmd) -> Result<Value> {
+    check_sizes(c, cmd)?;
+    let mut v = run(c, Request::OnNode(node.to_string(), cmd.clone()))?;
+    Ok(v.pop().unwrap_or(Value::Nil))
+}
+
+/// Drop the link (the next call connects afresh): after a failover, to ask the sentinels again.
+pub fn reset() {
+    LINK.with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            slot.take();
+        }
+    });
+}
+
+fn run(c: &Call, req: Request) -> Result<Vec<Value>> {
     // A kept connection may have been closed by the server since the last call (Redis
     // restarted, CLIENT KILL, idle timeout): then reconnect and send once more. The command
     // cannot have run twice, since the server that closed the connection did not answer it.
-    match run_once(c, packed.clone(), count) {
-        Err(Attempt::Stale(_)) => run_once(c, packed, count).map_err(Attempt::into_error),
+    match run_once(c, req.clone()) {
+        Err(Attempt::Stale(_)) => run_once(c, req).map_err(Attempt::into_error),
         other => other.map_err(Attempt::into_error),
     }
 }
@@ -130,7 +177,7 @@ impl From<Error> for Attempt {
     }
 }
 
-fn run_once(c: &Call, packed: Vec<u8>, count: usize) -> std::result::Result<Vec<Value>, Attempt> {
+fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> {
     let target = config::current()?;
     let command_timeout = crate::settings::command_timeout();
     let connect_timeout = crate::settings::connect_timeout();
@@ -149,22 +196,37 @@ fn run_once(c: &Call, packed: Vec<u8>, count: usize) -> std::result::Result<Vec<
         let link = slot
             .as_mut()
             .ok_or_else(|| Error::Internal("no link".into()))?;
-        let connecting = link.client.is_none();
+        let connecting = !link.connected;
+        let single = matches!(&req, Request::Cmds(cmds) if cmds.len() == 1);
         link.jobs
-            .send(Job {
-                packed,
-                count,
-                timeout,
-            })
+            .send(Job { req, timeout })
             .map_err(|_| Error::Internal("Redis helper thread is gone".into()))?;
         let budget = timeout.map(|t| if connecting { t + connect_timeout } else { t });
         let outcome = wait(link, budget);
         match outcome {
-            Waited::Answer(answer, client) => {
-                if client.is_some() {
-                    link.client = client;
+            Waited::Answer(answer) => {
+                // Connected during this call: a failure now is of the call, not of connecting.
+                let still_connecting = !link.connected;
+                if let Some(clients) = answer.clients {
+                    link.clients = clients;
                 }
-                match answer {
+                match answer.values {
+                    Ok(values) if answer.readonly => {
+                        // The helper dropped the demoted master's connection: so do we.
+                        slot.take();
+                        if single {
+                            // Refused without running: safe to send again, to the new master.
+                            let reply = values
+                                .first()
+                                .and_then(super::value::error_text)
+                                .unwrap_or_default();
+                            return Err(Attempt::Stale(Error::Reply {
+                                what: c.what.to_string(),
+                                reply,
+                            }));
+                        }
+                        Ok(values)
+                    }
                     Ok(values) => Ok(values),
                     Err(e) => {
                         let addr = link.display_addr.clone();
@@ -175,7 +237,7 @@ fn run_once(c: &Call, packed: Vec<u8>, count: usize) -> std::result::Result<Vec<
                         } else {
                             abandon(&mut slot);
                         }
-                        let err = classify(c.what, &addr, connecting, e);
+                        let err = classify(c.what, &addr, still_connecting, e);
                         Err(if stale {
                             Attempt::Stale(err)
                         } else {
@@ -196,7 +258,7 @@ fn run_once(c: &Call, packed: Vec<u8>, count: usize) -> std::result::Result<Vec<
 }
 
 enum Waited {
-    Answer(Answer, Option<(i64, String)>),
+    Answer(Answer),
     TimedOut,
 }
 
@@ -216,18 +278,27 @@ fn wait_inner(link: &mut Link, budget: Option<Duration>, latch_was_set: &mut boo
     let start = Instant::now();
     loop {
         match link.answers.try_recv() {
-            Ok((answer, client)) => {
+            Ok(Msg::Connected(clients, master)) => {
+                link.connected = true;
+                link.clients = clients;
+                if let Some(m) = master {
+                    super::failover::observe(&link.fingerprint, &m);
+                }
+                continue;
+            }
+            Ok(Msg::Answer(answer)) => {
                 drain(&link.wake);
-                return Waited::Answer(answer, client);
+                return Waited::Answer(answer);
             }
             Err(mpsc::TryRecvError::Disconnected) => {
-                return Waited::Answer(
-                    Err(redis::RedisError::from(std::io::Error::new(
+                return Waited::Answer(Answer {
+                    values: Err(redis::RedisError::from(std::io::Error::new(
                         std::io::ErrorKind::BrokenPipe,
                         "helper thread ended",
                     ))),
-                    None,
-                )
+                    clients: None,
+                    readonly: false,
+                })
             }
             Err(mpsc::TryRecvError::Empty) => {}
         }
@@ -286,8 +357,8 @@ fn drain(fd: &OwnedFd) {
 }
 
 fn remember_abandoned(link: &Link) {
-    if let Some(client) = &link.client {
-        ABANDONED.with(|a| *a.borrow_mut() = Some(client.clone()));
+    if !link.clients.is_empty() {
+        ABANDONED.with(|a| *a.borrow_mut() = link.clients.clone());
     }
 }
 
@@ -312,6 +383,13 @@ fn classify(what: &str, addr: &str, connecting: bool, e: redis::RedisError) -> E
             reply: format!("{code} {}", e.detail().unwrap_or("")),
         };
     }
+    if matches!(
+        e.kind(),
+        redis::ErrorKind::Client | redis::ErrorKind::InvalidClientConfig
+    ) {
+        // Refused before anything was sent: e.g. a command a cluster cannot route (SCAN).
+        return Error::InvalidArgument(format!("{what}: {cause}"));
+    }
     if connecting || e.is_connection_refusal() {
         Error::Connect {
             what: what.to_string(),
@@ -327,6 +405,7 @@ fn classify(what: &str, addr: &str, connecting: bool, e: redis::RedisError) -> E
 }
 
 fn spawn(target: &Target) -> Result<Link> {
+    let connector = target.connector()?;
     let mut fds = [0i32; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
         return Err(Error::Internal(format!(
@@ -338,9 +417,8 @@ fn spawn(target: &Target) -> Result<Link> {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let (ans_tx, ans_rx) = mpsc::channel();
-    let info = target.info.clone();
     let connect_timeout = crate::settings::connect_timeout();
-    let to_kill = ABANDONED.with(|a| a.borrow_mut().take());
+    let to_kill = ABANDONED.with(|a| std::mem::take(&mut *a.borrow_mut()));
 
     // The helper inherits the signal mask of its creator: block everything while spawning so no
     // PostgreSQL signal handler ever runs on the helper thread.
@@ -351,7 +429,16 @@ fn spawn(target: &Target) -> Result<Link> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let r = std::thread::Builder::new()
             .name("pg_redis-io".into())
-            .spawn(move || helper(info, connect_timeout, to_kill, job_rx, ans_tx, write_end));
+            .spawn(move || {
+                helper(
+                    connector,
+                    connect_timeout,
+                    to_kill,
+                    job_rx,
+                    ans_tx,
+                    write_end,
+                )
+            });
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         r
     };
@@ -362,55 +449,67 @@ fn spawn(target: &Target) -> Result<Link> {
         jobs: job_tx,
         answers: ans_rx,
         wake: read_end,
-        client: None,
+        connected: false,
+        clients: vec![],
     })
 }
 
 /// The helper thread: connects lazily, runs jobs in order, answers through the channel and
 /// pokes the pipe. Ends when the main thread drops its sender (link abandoned or replaced).
 fn helper(
-    info: redis::ConnectionInfo,
+    connector: Connector,
     connect_timeout: Duration,
-    to_kill: Option<(i64, String)>,
+    to_kill: Vec<ClientId>,
     jobs: mpsc::Receiver<Job>,
-    answers: mpsc::Sender<(Answer, Option<(i64, String)>)>,
+    answers: mpsc::Sender<Msg>,
     wake: OwnedFd,
 ) {
-    let mut con: Option<redis::Connection> = None;
+    let sentinel = matches!(connector.topology, Topology::Sentinel(_));
+    let mut con: Option<conn::Conn> = None;
     let mut to_kill = to_kill;
     while let Ok(job) = jobs.recv() {
-        let mut identity = None;
         if con.is_none() {
-            match connect(&info, connect_timeout, to_kill.take()) {
-                Ok((c, id)) => {
-                    con = Some(c);
-                    identity = Some(id);
+            match conn::open(&connector, connect_timeout, std::mem::take(&mut to_kill)) {
+                Ok(opened) => {
+                    con = Some(opened.conn);
+                    if answers
+                        .send(Msg::Connected(opened.clients, opened.master))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    poke(&wake);
                 }
                 Err(e) => {
-                    let _ = answers.send((Err(e), None));
+                    let _ = answers.send(Msg::Answer(Answer {
+                        values: Err(e),
+                        clients: None,
+                        readonly: false,
+                    }));
                     poke(&wake);
                     return;
                 }
             }
         }
         let Some(c) = con.as_mut() else { return };
-        let answer = c
-            .set_read_timeout(job.timeout.map(|t| t + Duration::from_millis(100)))
-            .and_then(|_| c.set_write_timeout(job.timeout))
-            .and_then(|_| {
-                if job.count == 1 {
-                    c.req_packed_command(&job.packed).map(|v| vec![v])
-                } else {
-                    c.req_packed_commands(&job.packed, 0, job.count)
-                }
-            });
-        let failed = answer.is_err();
-        if answers.send((answer, identity)).is_err() {
+        let ran = c.set_timeouts(job.timeout).and_then(|_| c.run(&job.req));
+        let failed = ran.is_err();
+        let (values, clients) = match ran {
+            Ok(r) => (Ok(r.values), r.clients),
+            Err(e) => (Err(e), None),
+        };
+        let readonly = sentinel && values.as_deref().is_ok_and(conn::any_readonly);
+        let answer = Answer {
+            values,
+            clients,
+            readonly,
+        };
+        if answers.send(Msg::Answer(answer)).is_err() {
             return;
         }
         poke(&wake);
-        if failed {
-            return; // a connection in doubt is never reused
+        if failed || readonly {
+            return; // a connection in doubt, or to a demoted master, is never reused
         }
     }
 }
@@ -418,43 +517,4 @@ fn helper(
 fn poke(wake: &OwnedFd) {
     let b = [1u8];
     unsafe { libc::write(wake.as_raw_fd(), b.as_ptr().cast(), 1) };
-}
-
-fn connect(
-    info: &redis::ConnectionInfo,
-    timeout: Duration,
-    to_kill: Option<(i64, String)>,
-) -> std::result::Result<(redis::Connection, (i64, String)), redis::RedisError> {
-    let client = redis::Client::open(info.clone())?;
-    let mut con = client.get_connection_with_timeout(timeout)?;
-    con.set_read_timeout(Some(timeout))?;
-    con.set_write_timeout(Some(timeout))?;
-    if let Some((id, addr)) = to_kill {
-        // Best effort: the ACL user may lack CLIENT, or the old client may be gone already.
-        let _: std::result::Result<Value, _> = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(id)
-            .arg("ADDR")
-            .arg(&addr)
-            .arg("SKIPME")
-            .arg("yes")
-            .query(&mut con);
-    }
-    let name = format!("pg_redis:{}", std::process::id());
-    let _: std::result::Result<Value, _> = redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(&name)
-        .query(&mut con);
-    let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut con).unwrap_or(-1);
-    let info_line: String = redis::cmd("CLIENT")
-        .arg("INFO")
-        .query(&mut con)
-        .unwrap_or_default();
-    let addr = info_line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("addr="))
-        .unwrap_or("")
-        .to_string();
-    Ok((con, (id, addr)))
 }
