@@ -107,6 +107,83 @@ mod tests {
     fn read_of_null_key_is_null() {
         assert_eq!(Spi::get_one::<String>("SELECT redis_get(NULL)"), Ok(None));
     }
+
+    /// Issue 6's fuzz target for filters: random token sequences — SQL injection attempts,
+    /// comments, statements, subqueries, unbalanced parentheses — given to the filter check of
+    /// redis_mirror. Each is refused with a `pg_redis:` 22023 message or accepted; an accepted one
+    /// must be one boolean expression that runs in a WHERE clause over the table as it stands.
+    #[pg_test]
+    fn filter_check_refuses_or_accepts_safely() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        Spi::run("CREATE TABLE fz (id int PRIMARY KEY, v text, n numeric, b boolean)").unwrap();
+        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'fz'::regclass::oid")
+            .unwrap()
+            .unwrap();
+        let token = prop_oneof![
+            Just("id > 1"),
+            Just("v = 'a'"),
+            Just("b"),
+            Just("NOT b"),
+            Just("n IS NULL"),
+            Just("AND"),
+            Just("OR"),
+            Just("("),
+            Just(")"),
+            Just(";"),
+            Just("--"),
+            Just("/*"),
+            Just("*/"),
+            Just("'"),
+            Just("\""),
+            Just("SELECT 1"),
+            Just("DROP TABLE fz"),
+            Just("pg_sleep(0)"),
+            Just("(SELECT true)"),
+            Just("EXISTS (SELECT 1 FROM pg_class)"),
+            Just("count(*) > 0"),
+            Just("row_number() OVER ()"),
+            Just("true"),
+            Just("$1"),
+            Just("\n"),
+            Just("1"),
+            Just("::int"),
+            Just("v || 'x'"),
+            Just("COMMIT"),
+        ];
+        let filters = proptest::collection::vec(token, 1..7).prop_map(|t| t.join(" "));
+        let mut runner = TestRunner::new(Config {
+            cases: 300,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&filters, |f| {
+                match crate::mirror::validate::filter(relid, "fz", &f) {
+                    Err(e) => {
+                        prop_assert_eq!(
+                            e.sqlstate(),
+                            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                            "{}",
+                            &f
+                        );
+                        prop_assert!(e.to_string().starts_with("pg_redis: redis_mirror: filter"));
+                    }
+                    Ok(()) => {
+                        let ran = crate::mirror::validate::in_subtransaction(|| {
+                            Spi::get_one::<i64>(&format!("SELECT count(*) FROM fz r WHERE ({f}\n)"))
+                        });
+                        prop_assert!(
+                            matches!(ran, Ok(Ok(_))),
+                            "accepted {:?} but it does not run",
+                            f
+                        );
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
 }
 
 /// This module is required by `cargo pgrx test` invocations.

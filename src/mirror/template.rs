@@ -205,3 +205,83 @@ mod invert_tests {
         assert_eq!(invert("", &parse("u:{a}:p").unwrap(), "u:1:q"), None);
     }
 }
+
+/// Properties of the key-template parser over arbitrary input (issue 6: a fuzz target for
+/// templates): it never panics, what it accepts re-renders to the same parts, keys rendered
+/// from values invert back to them, and SQL quoting round-trips.
+#[cfg(all(test, feature = "pg_test"))]
+mod prop_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn render(parts: &[Part]) -> String {
+        parts
+            .iter()
+            .map(|p| match p {
+                Part::Lit(l) => l.replace('{', "{{").replace('}', "}}"),
+                Part::Col(c) => format!("{{{c}}}"),
+            })
+            .collect()
+    }
+
+    fn unquote(q: &str, mark: char) -> Option<String> {
+        let inner = q.strip_prefix(mark)?.strip_suffix(mark)?;
+        let doubled = format!("{mark}{mark}");
+        // every quote mark inside must be doubled
+        if inner.replace(&doubled, "").contains(mark) {
+            return None;
+        }
+        Some(inner.replace(&doubled, &mark.to_string()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn parse_never_panics(t in "\\PC{0,40}") {
+            let _ = parse(&t);
+        }
+
+        #[test]
+        fn braces_and_text_round_trip(t in "[a-z:{}\\\\'\" ;\\-]{0,30}") {
+            if let Ok(parts) = parse(&t) {
+                prop_assert_eq!(parse(&render(&parts)).ok(), Some(parts.clone()));
+                prop_assert!(matches!(parts.first(), Some(Part::Lit(_))));
+                prop_assert!(parts.iter().any(|p| matches!(p, Part::Col(_))));
+                for p in &parts {
+                    if let Part::Col(c) = p {
+                        let clean = !c.is_empty() && !c.contains(['{', '}']);
+                        prop_assert!(clean, "placeholder {:?}", c);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn keys_invert_to_their_values(
+            prefix in "[a-z]{0,4}",
+            lits in proptest::collection::vec("[:/|-][a-z:/|-]{0,3}", 1..4),
+            vals in proptest::collection::vec("[A-Z0-9 _]{0,6}", 4),
+        ) {
+            // lit, {c0}, lit, {c1}, ...: values never contain the literals' characters
+            let mut parts = vec![];
+            for (i, l) in lits.iter().enumerate() {
+                parts.push(Part::Lit(l.clone()));
+                parts.push(Part::Col(format!("c{i}")));
+            }
+            let mut key = prefix.clone();
+            for (i, l) in lits.iter().enumerate() {
+                key.push_str(l);
+                key.push_str(&vals[i]);
+            }
+            let want: Vec<String> = vals[..lits.len()].to_vec();
+            prop_assert_eq!(invert(&prefix, &parts, &key), Some(want));
+        }
+
+        #[test]
+        fn sql_quoting_round_trips(s in "\\PC{0,30}") {
+            prop_assert_eq!(unquote(&quote_literal(&s), '\''), Some(s.clone()));
+            prop_assert_eq!(unquote(&quote_ident(&s), '"'), Some(s.clone()));
+        }
+    }
+}
