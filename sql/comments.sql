@@ -46,3 +46,18 @@ COMMENT ON COLUMN redis_stats.backfill_done IS 'rows queued by the running backf
 COMMENT ON COLUMN redis_stats.backfill_total IS 'rows the running backfill covers';
 COMMENT ON COLUMN redis_stats.redis_rows IS 'keys of the layout in Redis at the last redis_verify';
 COMMENT ON COLUMN redis_stats.table_rows IS 'rows in the table (inside the filter) at the last redis_verify';
+
+-- The internal functions (the event triggers and the catalog trigger call them).
+COMMENT ON FUNCTION redis_internal.register_trigger(oid) IS 'pg_redis internal: register a hand-written capture trigger as a mirror (called by an event trigger)';
+COMMENT ON FUNCTION redis_internal.revalidate(oid) IS 'pg_redis internal: check a mirror again after ALTER TABLE (called by an event trigger)';
+COMMENT ON FUNCTION redis_internal.wake_worker() IS 'pg_redis internal: wake the delivery worker at commit';
+COMMENT ON FUNCTION redis_internal.forget_mirror(oid) IS 'pg_redis internal: make backends read a changed mirror again (relcache invalidation)';
+COMMENT ON FUNCTION redis_internal.on_sql_drop() IS 'pg_redis internal: drop the mirrors (and their keys) of dropped tables';
+COMMENT ON FUNCTION redis_internal.on_mirrors_change() IS 'pg_redis internal: trigger on the mirror catalog, see forget_mirror';
+COMMENT ON FUNCTION redis_internal.on_ddl_end() IS 'pg_redis internal: refuse ALTER TABLE that breaks a mirror';
+COMMENT ON FUNCTION redis_internal.on_create_trigger() IS 'pg_redis internal: register hand-written capture triggers';
+COMMENT ON TABLE redis_internal.mirrors IS 'pg_redis internal: one row per mirrored table (read it through the view redis_mirrors)';
+COMMENT ON TABLE redis_internal.queue IS 'pg_redis internal: committed changes waiting for delivery to Redis';
+COMMENT ON TABLE redis_internal.dead_letters IS 'pg_redis internal: changes Redis refused for good (view redis_dead_letters, redis_retry)';
+COMMENT ON TABLE redis_internal.mirror_stats IS 'pg_redis internal: delivery counters per mirror (view redis_stats)';
+COMMENT ON TABLE redis_internal.backfills IS 'pg_redis internal: backfills in progress';

@@ -40,3 +40,18 @@ BEGIN
     EXIT WHEN r.done IS NOT FALSE;
   END LOOP;
 END $$;
+
+-- Comments on the internal functions and tables (0.2.0 comments every object).
+COMMENT ON FUNCTION redis_internal.register_trigger(oid) IS 'pg_redis internal: register a hand-written capture trigger as a mirror (called by an event trigger)';
+COMMENT ON FUNCTION redis_internal.revalidate(oid) IS 'pg_redis internal: check a mirror again after ALTER TABLE (called by an event trigger)';
+COMMENT ON FUNCTION redis_internal.wake_worker() IS 'pg_redis internal: wake the delivery worker at commit';
+COMMENT ON FUNCTION redis_internal.forget_mirror(oid) IS 'pg_redis internal: make backends read a changed mirror again (relcache invalidation)';
+COMMENT ON FUNCTION redis_internal.on_sql_drop() IS 'pg_redis internal: drop the mirrors (and their keys) of dropped tables';
+COMMENT ON FUNCTION redis_internal.on_mirrors_change() IS 'pg_redis internal: trigger on the mirror catalog, see forget_mirror';
+COMMENT ON FUNCTION redis_internal.on_ddl_end() IS 'pg_redis internal: refuse ALTER TABLE that breaks a mirror';
+COMMENT ON FUNCTION redis_internal.on_create_trigger() IS 'pg_redis internal: register hand-written capture triggers';
+COMMENT ON TABLE redis_internal.mirrors IS 'pg_redis internal: one row per mirrored table (read it through the view redis_mirrors)';
+COMMENT ON TABLE redis_internal.queue IS 'pg_redis internal: committed changes waiting for delivery to Redis';
+COMMENT ON TABLE redis_internal.dead_letters IS 'pg_redis internal: changes Redis refused for good (view redis_dead_letters, redis_retry)';
+COMMENT ON TABLE redis_internal.mirror_stats IS 'pg_redis internal: delivery counters per mirror (view redis_stats)';
+COMMENT ON TABLE redis_internal.backfills IS 'pg_redis internal: backfills in progress';

@@ -112,6 +112,8 @@ mod tests {
     /// comments, statements, subqueries, unbalanced parentheses — given to the filter check of
     /// redis_mirror. Each is refused with a `pg_redis:` 22023 message or accepted; an accepted one
     /// must be one boolean expression that runs in a WHERE clause over the table as it stands.
+    // proptest comes with the pg_test feature (cargo pgrx test), not with a plain `cargo test`.
+    #[cfg(feature = "pg_test")]
     #[pg_test]
     fn filter_check_refuses_or_accepts_safely() {
         use proptest::prelude::*;

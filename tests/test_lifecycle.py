@@ -80,3 +80,23 @@ def test_a_database_that_is_not_utf8_is_refused_clearly(make_pg, make_redis):
         assert msg.startswith("pg_redis:") and "LATIN1" in msg and "UTF8" in msg, msg
         assert "ENCODING" in (e.value.diag.message_hint or ""), e.value.diag.message_hint
         assert one(c, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_redis'") == 0
+
+
+def test_every_function_and_view_has_a_comment(make_pg, make_redis):
+    """Issue 9: \\df+ and \\dv+ describe everything the extension creates, internals included."""
+    redis_srv = make_redis()
+    pg = make_pg(conf_lines=[f"pg_redis.url = '{redis_srv.url}'"], preload=True)
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION pg_redis")
+        bare = c.execute("""
+            SELECT pg_describe_object(d.classid, d.objid, 0)
+              FROM pg_depend d
+             WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+               AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_redis')
+               AND ((d.classid = 'pg_proc'::regclass AND obj_description(d.objid, 'pg_proc') IS NULL)
+                 OR (d.classid = 'pg_class'::regclass
+                     AND (SELECT relkind FROM pg_class WHERE oid = d.objid) IN ('r', 'v')
+                     AND obj_description(d.objid, 'pg_class') IS NULL))
+             ORDER BY 1""").fetchall()
+        assert not bare, f"without a COMMENT: {[b[0] for b in bare]}"
+        assert one(c, "SELECT obj_description(oid, 'pg_extension') FROM pg_extension WHERE extname = 'pg_redis'")
