@@ -277,13 +277,15 @@ fn column_type(relid: pg_sys::Oid, col: &str) -> Result<String> {
     .ok_or_else(|| invalid(format!("redis_fetch: column \"{col}\" not found")))
 }
 
-/// The mirror's columns with how each appears in row_to_json.
+/// The mirror's columns with how each appears in row_to_json: `json_typed` for what it renders
+/// as JSON rather than a string (the numeric types it knows, bool, json/jsonb, arrays, records).
 fn columns(m: &Mirror) -> Result<Vec<Column>> {
     let all: Vec<Column> = Spi::connect(|c| {
         let rows = crate::plans::select(
                 c,
                 "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                        (t.typcategory IN ('N', 'B', 'A', 'C') OR t.oid IN ('json'::regtype, 'jsonb'::regtype)) \
+                        (t.typcategory IN ('A', 'C') OR t.oid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'float4'::regtype, \
+                         'float8'::regtype, 'numeric'::regtype, 'bool'::regtype, 'json'::regtype, 'jsonb'::regtype)) \
                    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t0 ON t0.oid = a.atttypid \
                    JOIN pg_catalog.pg_type t ON t.oid = CASE WHEN t0.typtype = 'd' THEN t0.typbasetype ELSE t0.oid END \
                   WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
@@ -351,6 +353,7 @@ fn fill(m: &Mirror, key: &str, payload: &str) -> Result<()> {
         key,
         Some(payload),
         m.ttl_seconds,
+        &m.json_columns(),
         &mut cmds,
     );
     for r in call_pipeline(&Call::new(&what), &cmds)? {

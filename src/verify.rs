@@ -255,9 +255,10 @@ fn read_many<'a>(m: &Mirror, keys: impl Iterator<Item = &'a str>) -> Result<Vec<
 
 fn same(m: &Mirror, payload: &str, found: &Json) -> bool {
     if m.format == "hash" {
-        let want: BTreeMap<String, String> = crate::delivery::deliver::hash_fields(payload)
-            .into_iter()
-            .collect();
+        let want: BTreeMap<String, String> =
+            crate::delivery::deliver::hash_fields(payload, &m.json_columns())
+                .into_iter()
+                .collect();
         let got: BTreeMap<String, String> = match found {
             Json::Object(o) => o
                 .iter()

@@ -568,10 +568,6 @@ def test_exotic_column_types_are_mirrored_and_fetched_exactly(exotic_types, fmt)
     assert backend_alive(m.conn)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: hash format: a redis_fetch hit types fields back differently from "
-                                       "row_to_json: a json/jsonb column holding a JSON string that looks like another "
-                                       "value ('\"123\"', '\"true\"', '\"[1]\"') comes back as 123, true, [1]; oid "
-                                       "(numeric category, a string in row_to_json) comes back as a number")
 def test_hash_fetch_types_fields_back_like_row_to_json(m):
     t = m.table("bi_hj", "id int PRIMARY KEY, jb jsonb, j json, o oid",
                 """VALUES (1, '"123"', '"true"', 4294967295), (2, '"[1]"', '"null"', 0)""")

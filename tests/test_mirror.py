@@ -70,11 +70,16 @@ def expected_json(pg, table, key_sql, where=None, columns=None, dbname="postgres
 
 
 def expected_hash(pg, table, key_sql, where=None, columns=None, dbname="postgres"):
-    """{key: {field: text}}: the JSON text renderings (json_each_text), NULL columns left out."""
+    """{key: {field: text}}: the JSON text renderings (json_each_text), NULL columns left out;
+    json/jsonb columns hold their value's JSON text (a JSON string keeps its quotes)."""
     with pg.connect(dbname=dbname) as c:
         c.execute(REFERENCE_SETTINGS)
         rows = c.execute(
-            f"SELECT {key_sql}, j.key, j.value FROM {table} mxrow, json_each_text(row_to_json(mxrow)) j"
+            f"SELECT {key_sql}, j.key, CASE WHEN json_typeof(j.value) = 'null' THEN NULL "
+            f"WHEN j.key IN (SELECT attname FROM pg_attribute WHERE attrelid = '{table}'::regclass "
+            f"AND atttypid IN ('json'::regtype, 'jsonb'::regtype)) THEN j.value::text "
+            f"ELSE j.value #>> '{{}}' END "
+            f"FROM {table} mxrow, json_each(row_to_json(mxrow)) j"
             f"{_where(where)}").fetchall()
         keys = c.execute(f"SELECT {key_sql} FROM {table} mxrow{_where(where)}").fetchall()
     out = {k: {} for (k,) in keys}
@@ -108,7 +113,7 @@ def redis_json(rc, pattern):
 
 def _norm_field(v):
     """Hash fields holding JSON documents (json, jsonb, arrays) compare by content, not spacing."""
-    if isinstance(v, str) and v[:1] in "[{":
+    if isinstance(v, str) and v[:1] in "[{\"":
         try:
             return loads(v)
         except ValueError:

@@ -36,6 +36,8 @@ struct Queued {
     xid: String,
     /// Set for sync-mode mirrors: writes carry versions (delivery::versioned).
     versions: Option<String>,
+    /// json/jsonb columns of a hash-format mirror: their fields hold JSON text.
+    json_cols: Vec<String>,
     /// Where the row is: delivered rows are deleted by TID (one deliverer at a time, so the
     /// rows cannot move meanwhile), much cheaper than an index probe per id.
     ctid: String,
@@ -87,7 +89,12 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                         extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
                         m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text, \
                         CASE WHEN m.mode = 'sync' THEN m.key_prefix END, q.ctid::text \
+                        , mj.cols \
                    FROM redis_internal.queue q LEFT JOIN redis_internal.mirrors m ON m.id = q.mirror_id \
+                   LEFT JOIN LATERAL (SELECT ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                                                    WHERE a.attrelid = m.tbl AND a.attnum > 0 AND NOT a.attisdropped \
+                                                      AND a.atttypid IN ('json'::regtype, 'jsonb'::regtype)) AS cols \
+                                       WHERE m.format = 'hash') mj ON true \
                   ORDER BY q.id LIMIT $1",
                 None,
                 &[(max as i64).into()],
@@ -114,6 +121,10 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                         .map_err(spi_err)?
                         .map(|p| super::versioned::version_hash(&p, r_mirror_id(&r))),
                     ctid: r.get::<String>(16).map_err(spi_err)?.unwrap_or_default(),
+                    json_cols: r
+                        .get::<Vec<String>>(17)
+                        .map_err(spi_err)?
+                        .unwrap_or_default(),
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -252,9 +263,12 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
             versions,
             q.id,
             &q.op,
-            format,
             q.payload.as_deref(),
-            q.ttl,
+            &super::versioned::Shape {
+                format,
+                ttl: q.ttl,
+                json_cols: &q.json_cols,
+            },
         ));
         return;
     }
@@ -264,6 +278,7 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
         &q.key,
         q.payload.as_deref(),
         q.ttl,
+        &q.json_cols,
         cmds,
     );
 }
@@ -277,11 +292,12 @@ pub fn key_commands(
     key: &str,
     payload: Option<&str>,
     ttl: Option<i32>,
+    json_cols: &[String],
     cmds: &mut Vec<Cmd>,
 ) {
     match (op, format) {
         ("s", Some("hash")) => {
-            let fields = hash_fields(payload.unwrap_or("{}"));
+            let fields = hash_fields(payload.unwrap_or("{}"), json_cols);
             cmds.push(cmd("MULTI"));
             let mut del = cmd("DEL");
             del.arg(key);
@@ -352,14 +368,16 @@ fn event(q: &Queued, cmds: &mut Vec<Cmd>) {
     cmds.push(c);
 }
 
-/// Hash fields of a row: the same text renderings as the JSON (strings unquoted, NULLs left out).
-pub fn hash_fields(payload: &str) -> Vec<(String, String)> {
+/// Hash fields of a row: the same text renderings as the JSON (strings unquoted, NULLs left
+/// out); json/jsonb columns (`json_cols`) hold their value's JSON text, so that a JSON string
+/// stays one ("123" with its quotes) and reads back as what row_to_json gives.
+pub fn hash_fields(payload: &str, json_cols: &[String]) -> Vec<(String, String)> {
     match serde_json::from_str::<serde_json::Value>(payload) {
         Ok(serde_json::Value::Object(map)) => map
             .into_iter()
             .filter_map(|(k, v)| match v {
                 serde_json::Value::Null => None,
-                serde_json::Value::String(s) => Some((k, s)),
+                serde_json::Value::String(s) if !json_cols.contains(&k) => Some((k, s)),
                 other => Some((k, other.to_string())),
             })
             .collect(),

@@ -63,6 +63,7 @@ pub fn push(
     }
     cmds.push(sadd_k);
     let versions = crate::delivery::versioned::version_hash(&m.key_prefix, m.id);
+    let json_cols = m.json_columns();
     for ((op, key, payload), id) in changes.iter().zip(ids) {
         if *op != "s" && *op != "d" {
             continue; // TRUNCATE in sync mode is delivered by the queue after COMMIT
@@ -72,9 +73,12 @@ pub fn push(
             &versions,
             *id,
             op,
-            &m.format,
             payload.as_deref(),
-            m.ttl_seconds,
+            &crate::delivery::versioned::Shape {
+                format: &m.format,
+                ttl: m.ttl_seconds,
+                json_cols: &json_cols,
+            },
         ));
     }
     let what = format!(

@@ -45,16 +45,23 @@ pub fn version_hash(key_prefix: &str, mirror_id: i32) -> String {
     format!("{key_prefix}pg_redis:ver:{mirror_id}")
 }
 
+/// How a mirror writes a key: its format, TTL and (hash) json/jsonb columns.
+pub struct Shape<'a> {
+    pub format: &'a str,
+    pub ttl: Option<i32>,
+    pub json_cols: &'a [String],
+}
+
 /// The command that applies change `version` ('s' or 'd') to `key` unless a newer one was.
 pub fn command(
     key: &str,
     versions: &str,
     version: i64,
     op: &str,
-    format: &str,
     payload: Option<&str>,
-    ttl: Option<i32>,
+    shape: &Shape,
 ) -> Cmd {
+    let (format, ttl, json_cols) = (shape.format, shape.ttl, shape.json_cols);
     let mut c = cmd("EVAL");
     c.arg(SCRIPT).arg(2).arg(key).arg(versions).arg(version);
     c.arg(if op == "s" { "s" } else { "d" })
@@ -62,7 +69,7 @@ pub fn command(
         .arg(ttl.unwrap_or(0));
     if op == "s" {
         if format == "hash" {
-            for (f, v) in super::deliver::hash_fields(payload.unwrap_or("{}")) {
+            for (f, v) in super::deliver::hash_fields(payload.unwrap_or("{}"), json_cols) {
                 c.arg(f).arg(v);
             }
         } else {

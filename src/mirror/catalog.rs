@@ -211,6 +211,15 @@ impl Mirror {
         }
     }
 
+    /// The json/jsonb columns, whose hash fields hold JSON text.
+    pub fn json_columns(&self) -> Vec<String> {
+        self.column_types
+            .iter()
+            .filter(|(_, t)| t == "json" || t == "jsonb")
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// The table's name, schema-qualified, for messages and SQL.
     pub fn table_name(&self) -> String {
         relation_name(self.tbl)

@@ -82,8 +82,12 @@ def expected_rows(conn, t: Table, info: dict | None = None, pg_t0=None) -> dict[
     if t.fmt == "json":
         q = f"SELECT {t.key_sql}, {t.payload_sql()}, t.xmin::text, {ts} FROM {t.name} t WHERE {t.where_sql()}"
     else:
-        q = (f"SELECT k, (SELECT coalesce(json_object_agg(e.key, e.value) FILTER (WHERE e.value IS NOT NULL), '{{}}') "
-             f"FROM json_each_text(p::json) e)::text, x, c FROM (SELECT {t.key_sql} AS k, {t.payload_sql()} AS p, "
+        # json/jsonb columns: the value's JSON text (a JSON string keeps its quotes); others as text
+        jcols = (f"(SELECT attname FROM pg_attribute WHERE attrelid = '{t.name}'::regclass "
+                 f"AND atttypid IN ('json'::regtype, 'jsonb'::regtype))")
+        q = (f"SELECT k, (SELECT coalesce(json_object_agg(e.key, CASE WHEN e.key IN {jcols} THEN e.value::text "
+             f"ELSE e.value #>> '{{}}' END) FILTER (WHERE json_typeof(e.value) <> 'null'), '{{}}') "
+             f"FROM json_each(p::json) e)::text, x, c FROM (SELECT {t.key_sql} AS k, {t.payload_sql()} AS p, "
              f"t.xmin::text AS x, {ts} AS c FROM {t.name} t WHERE {t.where_sql()}) s")
     out = {}
     for k, v, x, c in conn.execute(q, (pg_t0,) if pg_t0 is not None else None).fetchall():
@@ -167,7 +171,7 @@ def compare_mirror(conn, rc, t: Table, notes: list[str], pg_t0=None) -> tuple[li
                 x, y = ef.get(f), af.get(f)
                 if x == y:
                     continue
-                if x is not None and y is not None and x[:1] in "[{" and _json_equal(x, y):
+                if x is not None and y is not None and x[:1] in "[{\"" and _json_equal(x, y):
                     notes.append(f"hash field holds the same JSON as PostgreSQL renders, as different text "
                                  f"(e.g. {t.name} {k!r} field {f}: {x[:60]!r} vs {y[:60]!r})")
                     continue
