@@ -163,17 +163,3 @@ pub fn update<'conn>(
 pub fn run(sql: &str, args: &[DatumWithOid]) -> SpiResult<()> {
     pgrx::spi::Spi::connect_mut(|c| update(c, sql, None, args).map(|_| ()))
 }
-
-/// First column of the first row of a read-only statement, through its kept plan.
-pub fn one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(
-    sql: &str,
-    args: &[DatumWithOid],
-) -> SpiResult<Option<T>> {
-    pgrx::spi::Spi::connect(|c| {
-        let rows = select(c, sql, Some(1), args)?;
-        match rows.into_iter().next() {
-            Some(r) => r.get::<T>(1),
-            None => Ok(None),
-        }
-    })
-}

@@ -56,6 +56,8 @@ class MirrorCtx:
         self.rc = redis_srv.client(decode_responses=True)
         self.tables = []
         self.roles = []
+        # statements run at close, after the tables go (schemas, types, grants a test made)
+        self.cleanup_sql: list[str] = []
 
     def table(self, name, ddl, rows_sql=None):
         self.tables.append(name)
@@ -92,8 +94,11 @@ class MirrorCtx:
         try:
             if c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 c.rollback()
-            for t in reversed(self.tables):
-                c.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
+            for s in [f"DROP TABLE IF EXISTS {t} CASCADE" for t in reversed(self.tables)] + self.cleanup_sql:
+                try:
+                    c.execute(s)
+                except psycopg.Error:
+                    pass
             for r in self.roles:
                 c.execute(f'DROP OWNED BY "{r}" CASCADE')
                 c.execute(f'DROP ROLE IF EXISTS "{r}"')

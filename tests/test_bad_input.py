@@ -32,24 +32,7 @@ TOO_LARGE = "54000"
 
 
 class Ctx(MirrorCtx):
-    """MirrorCtx plus cleanup statements run first at close (schemas, types, grants)."""
-
-    def __init__(self, pg, redis_srv):
-        super().__init__(pg, redis_srv)
-        self.cleanup_sql: list[str] = []
-
-    def close(self):
-        for t in reversed(self.tables):
-            try:
-                self.conn.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
-            except psycopg.Error:
-                pass
-        for s in self.cleanup_sql:
-            try:
-                self.conn.execute(s)
-            except psycopg.Error:
-                pass
-        super().close()
+    """MirrorCtx plus handing a table to another role."""
 
     def owned_by(self, role, table):
         self.conn.execute(f'ALTER TABLE {table} OWNER TO "{role}"')

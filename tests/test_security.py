@@ -66,24 +66,7 @@ def pg(module_redis):
 
 
 class Ctx(MirrorCtx):
-    """MirrorCtx (superuser session, module Redis) plus cleanup statements run after the tables go."""
-
-    def __init__(self, pg, redis_srv):
-        super().__init__(pg, redis_srv)
-        self.cleanup_sql: list[str] = []
-
-    def close(self):
-        for t in reversed(self.tables):
-            try:
-                self.conn.execute(f"DROP TABLE IF EXISTS {t} CASCADE")
-            except psycopg.Error:
-                pass
-        for s in self.cleanup_sql:
-            try:
-                self.conn.execute(s)
-            except psycopg.Error:
-                pass
-        super().close()
+    """MirrorCtx (superuser session, module Redis) plus granting every pg_redis routine."""
 
     def grant_functions(self, role, include_command=False):
         """EXECUTE on every pg_redis routine in the public schema (what security.md grants apps and devs)."""

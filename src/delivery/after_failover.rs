@@ -86,13 +86,7 @@ fn repair(tbl: pg_sys::Oid) -> Result<i64> {
 
 /// Every mirror of this database, when the extension is there.
 fn mirrors() -> Result<Vec<(pg_sys::Oid, String)>> {
-    let installed = crate::spi_read::one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
-        &[],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    let installed = super::extension_installed();
     if !installed {
         return Ok(vec![]);
     }

@@ -72,7 +72,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
             .map_err(spi_err)?;
         true
     } else {
-        crate::plans::one::<bool>(
+        crate::spi_read::one::<bool>(
             "SELECT pg_try_advisory_xact_lock($1)",
             &[DELIVERY_LOCK.into()],
         )
@@ -180,7 +180,7 @@ fn standbys_have(upto: u64) -> Result<bool> {
         // pg_stat_replication shows LSNs to privileged roles only: read it as the superuser
         // (nothing of the user's runs here).
         let ok = as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, || {
-            crate::plans::one::<bool>(
+            crate::spi_read::one::<bool>(
                 "SELECT CASE WHEN '*' = ANY($2) \
                         THEN coalesce(bool_and(flush_lsn >= $1::pg_lsn), true) \
                         ELSE count(DISTINCT application_name) FILTER (WHERE flush_lsn >= $1::pg_lsn) \

@@ -155,3 +155,14 @@ pub fn server_life() -> i64 {
     }
     s.life
 }
+
+/// Whether this database has the extension (a worker serves databases before and after it).
+pub fn extension_installed() -> bool {
+    crate::spi_read::one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
+        &[],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}

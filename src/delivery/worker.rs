@@ -190,13 +190,7 @@ fn set_down(down: bool) {
 }
 
 fn step() -> Step {
-    let installed = crate::spi_read::one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
-        &[],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    let installed = super::extension_installed();
     if !installed {
         return Step::NotInstalled;
     }

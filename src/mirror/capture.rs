@@ -364,56 +364,46 @@ fn capture_in_sql(
     // A kept plan is made for the row counts it first saw: a big UPDATE's joins get their own.
     let cacheable = !matches!(op, PgTriggerOperation::Update);
     let owner = m.owner;
-    // The table's name is looked up only for a message: not on every statement.
-    let err = |e: pgrx::spi::SpiError| {
-        Error::Internal(format!("capturing a change of {}: {e}", m.table_name()))
-    };
-    let (lo, hi, n) = with_render_settings(|| {
-        Spi::connect_mut(|c| {
-            unsafe { pg_sys::SPI_register_trigger_data(td) };
-            let rendered = as_role(owner, true, || {
-                if cacheable {
-                    crate::plans::select_transition(c, m.tbl, &render, Some(1))
-                } else {
-                    c.select(render.as_str(), Some(1), &[])
-                }
-            })?
-            .first();
-            let arrays: Vec<Option<pg_sys::Datum>> = (1..=5)
-                .map(|i| rendered.get_datum_by_ordinal(i))
-                .collect::<Result<_, _>>()?;
-            if arrays[0].is_none() {
-                return Ok((None, None, 0)); // nothing to queue
+    queue_with(m, td, |c| {
+        let rendered = as_role(owner, true, || {
+            if cacheable {
+                crate::plans::select_transition(c, m.tbl, &render, Some(1))
+            } else {
+                c.select(render.as_str(), Some(1), &[])
             }
-            // The arrays stay in this SPI connection's memory until it ends.
-            let types = [
-                pg_sys::CHARARRAYOID,
-                pg_sys::TEXTARRAYOID,
-                pg_sys::TEXTARRAYOID,
-                pg_sys::CHARARRAYOID,
-                pg_sys::TEXTARRAYOID,
-            ];
-            let mut args: Vec<pgrx::datum::DatumWithOid> = vec![m.id.into()];
-            for (d, oid) in arrays.into_iter().zip(types) {
-                args.push(match d {
-                    Some(d) => unsafe { pgrx::datum::DatumWithOid::new(d, oid) },
-                    None => pgrx::datum::DatumWithOid::null_oid(oid),
-                });
-            }
-            let t = as_role(ext_owner(), true, || {
-                crate::plans::update(c, insert, Some(1), &args)
-            })?;
-            let row = t.first();
-            Ok::<_, pgrx::spi::SpiError>((
-                row.get::<i64>(1)?,
-                row.get::<i64>(2)?,
-                row.get::<i64>(3)?.unwrap_or(0),
-            ))
-        })
+        })?
+        .first();
+        let arrays: Vec<Option<pg_sys::Datum>> = (1..=5)
+            .map(|i| rendered.get_datum_by_ordinal(i))
+            .collect::<Result<_, _>>()?;
+        if arrays[0].is_none() {
+            return Ok((None, None, 0)); // nothing to queue
+        }
+        // The arrays stay in this SPI connection's memory until it ends.
+        let types = [
+            pg_sys::CHARARRAYOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::CHARARRAYOID,
+            pg_sys::TEXTARRAYOID,
+        ];
+        let mut args: Vec<pgrx::datum::DatumWithOid> = vec![m.id.into()];
+        for (d, oid) in arrays.into_iter().zip(types) {
+            args.push(match d {
+                Some(d) => unsafe { pgrx::datum::DatumWithOid::new(d, oid) },
+                None => pgrx::datum::DatumWithOid::null_oid(oid),
+            });
+        }
+        let t = as_role(ext_owner(), true, || {
+            crate::plans::update(c, insert, Some(1), &args)
+        })?;
+        let row = t.first();
+        Ok::<_, pgrx::spi::SpiError>((
+            row.get::<i64>(1)?,
+            row.get::<i64>(2)?,
+            row.get::<i64>(3)?.unwrap_or(0),
+        ))
     })
-    .map_err(err)?;
-    note_commit_mode(m, lo, hi);
-    Ok(n)
 }
 
 /// Whether the statement's transition tables hold few rows: those are rendered through kept
@@ -454,44 +444,35 @@ fn queue_rows(m: &Mirror, td: *mut pg_sys::TriggerData, rows_sql: &str) -> Res<i
            RETURNING id) \
          SELECT min(id), max(id) FROM ins";
     let owner = m.owner;
-    let err = |e: pgrx::spi::SpiError| {
-        Error::Internal(format!("capturing a change of {}: {e}", m.table_name()))
-    };
-    let (lo, hi, n) = with_render_settings(|| {
-        Spi::connect_mut(|c| {
-            unsafe { pg_sys::SPI_register_trigger_data(td) };
-            // op, key, payload, ev, old_key of each change, in queue order
-            let mut cols: [Vec<Option<String>>; 5] = Default::default();
-            as_role(owner, true, || {
-                for r in crate::plans::select_transition(c, m.tbl, rows_sql, None)? {
-                    for (i, col) in cols.iter_mut().enumerate() {
-                        col.push(r.get::<String>(i + 1)?);
-                    }
+    queue_with(m, td, |c| {
+        // op, key, payload, ev, old_key of each change, in queue order
+        let mut cols: [Vec<Option<String>>; 5] = Default::default();
+        as_role(owner, true, || {
+            for r in crate::plans::select_transition(c, m.tbl, rows_sql, None)? {
+                for (i, col) in cols.iter_mut().enumerate() {
+                    col.push(r.get::<String>(i + 1)?);
                 }
-                Ok::<_, pgrx::spi::SpiError>(())
-            })?;
-            let n = cols[0].len() as i64;
-            if n == 0 {
-                return Ok((None, None, 0));
             }
-            let mut args: Vec<pgrx::datum::DatumWithOid> = vec![m.id.into()];
-            let sql = if n == 1 {
-                args.extend(cols.into_iter().map(|mut v| v.pop().flatten().into()));
-                INSERT_ONE
-            } else {
-                args.extend(cols.into_iter().map(|v| v.into()));
-                INSERT_MANY
-            };
-            let t = as_role(ext_owner(), true, || {
-                crate::plans::update(c, sql, Some(1), &args)
-            })?;
-            let row = t.first();
-            Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?, row.get::<i64>(2)?, n))
-        })
+            Ok::<_, pgrx::spi::SpiError>(())
+        })?;
+        let n = cols[0].len() as i64;
+        if n == 0 {
+            return Ok((None, None, 0));
+        }
+        let mut args: Vec<pgrx::datum::DatumWithOid> = vec![m.id.into()];
+        let sql = if n == 1 {
+            args.extend(cols.into_iter().map(|mut v| v.pop().flatten().into()));
+            INSERT_ONE
+        } else {
+            args.extend(cols.into_iter().map(|v| v.into()));
+            INSERT_MANY
+        };
+        let t = as_role(ext_owner(), true, || {
+            crate::plans::update(c, sql, Some(1), &args)
+        })?;
+        let row = t.first();
+        Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?, row.get::<i64>(2)?, n))
     })
-    .map_err(err)?;
-    note_commit_mode(m, lo, hi);
-    Ok(n)
 }
 
 /// Queue the rows of `rows_sql` (op, k, p, e, ok, part, n) in one INSERT ... SELECT, as the
@@ -514,44 +495,53 @@ fn queue_direct(
     } else {
         insert
     };
-    let err = |e: pgrx::spi::SpiError| {
-        Error::Internal(format!("capturing a change of {}: {e}", m.table_name()))
-    };
+    queue_with(m, td, |c| {
+        as_role(ext_owner(), true, || {
+            let args = [m.id.into()];
+            let t = if cacheable {
+                crate::plans::update_transition(c, m.tbl, &sql, &args)?
+            } else {
+                c.update(sql.as_str(), None, &args)?
+            };
+            if m.mode == "commit" {
+                let row = t.first();
+                Ok::<_, pgrx::spi::SpiError>((
+                    row.get::<i64>(1)?,
+                    row.get::<i64>(2)?,
+                    row.get::<i64>(3)?.unwrap_or(0),
+                ))
+            } else {
+                Ok((None, None, t.len() as i64))
+            }
+        })
+    })
+}
+
+/// (first id, last id, count) of the changes a statement queued: what commit mode waits for.
+type QueuedIds = (Option<i64>, Option<i64>, i64);
+
+/// Run `f` in an SPI connection that sees the statement's transition tables, under the rendering
+/// settings; note the queued ids for a commit-mode COMMIT. Returns how many changes were queued.
+fn queue_with(
+    m: &Mirror,
+    td: *mut pg_sys::TriggerData,
+    f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> pgrx::spi::SpiResult<QueuedIds>,
+) -> Res<i64> {
     let (lo, hi, n) = with_render_settings(|| {
         Spi::connect_mut(|c| {
             unsafe { pg_sys::SPI_register_trigger_data(td) };
-            as_role(ext_owner(), true, || {
-                let args = [m.id.into()];
-                let t = if cacheable {
-                    crate::plans::update_transition(c, m.tbl, &sql, &args)?
-                } else {
-                    c.update(sql.as_str(), None, &args)?
-                };
-                if m.mode == "commit" {
-                    let row = t.first();
-                    Ok::<_, pgrx::spi::SpiError>((
-                        row.get::<i64>(1)?,
-                        row.get::<i64>(2)?,
-                        row.get::<i64>(3)?.unwrap_or(0),
-                    ))
-                } else {
-                    Ok((None, None, t.len() as i64))
-                }
-            })
+            f(c)
         })
     })
-    .map_err(err)?;
-    note_commit_mode(m, lo, hi);
-    Ok(n)
-}
-
-fn note_commit_mode(m: &Mirror, lo: Option<i64>, hi: Option<i64>) {
+    // The table's name is looked up only for a message: not on every statement.
+    .map_err(|e| Error::Internal(format!("capturing a change of {}: {e}", m.table_name())))?;
     if m.mode == "commit" {
         if let (Some(lo), Some(hi)) = (lo, hi) {
             let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
             crate::delivery::commit_wait::note_commit_mode(xid, lo, hi);
         }
     }
+    Ok(n)
 }
 
 /// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is
