@@ -140,6 +140,11 @@ pub fn on_node(c: &Call, node: &str, cmd: &Cmd) -> Result<Value> {
 
 /// Drop the link (the next call connects afresh): after a failover, to ask the sentinels again.
 pub fn reset() {
+    super::direct::reset();
+    reset_thread_link();
+}
+
+fn reset_thread_link() {
     LINK.with(|cell| {
         if let Ok(mut slot) = cell.try_borrow_mut() {
             slot.take();
@@ -157,7 +162,7 @@ fn run(c: &Call, req: Request) -> Result<Vec<Value>> {
     }
 }
 
-enum Attempt {
+pub(super) enum Attempt {
     /// The kept connection turned out to be closed before it answered.
     Stale(Error),
     Failed(Error),
@@ -182,6 +187,11 @@ fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> 
     let command_timeout = crate::settings::command_timeout();
     let connect_timeout = crate::settings::connect_timeout();
     let timeout = c.extra.map(|e| command_timeout + e);
+    if super::direct::serves(&target) {
+        reset_thread_link();
+        return super::direct::run_once(c, &req, &target, timeout);
+    }
+    super::direct::reset();
     LINK.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot
@@ -334,7 +344,7 @@ fn wait_inner(link: &mut Link, budget: Option<Duration>, latch_was_set: &mut boo
             if interrupt_pending() {
                 // The call may be abandoned by the ERROR that follows: make sure this link is
                 // not reused, then let PostgreSQL act on the interrupt.
-                remember_abandoned(link);
+                remember_abandoned_link(link);
                 let fingerprint = std::mem::take(&mut link.fingerprint);
                 pgrx::check_for_interrupts!();
                 link.fingerprint = fingerprint;
@@ -356,15 +366,24 @@ fn drain(fd: &OwnedFd) {
     unsafe { while libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 {} }
 }
 
-fn remember_abandoned(link: &Link) {
-    if !link.clients.is_empty() {
-        ABANDONED.with(|a| *a.borrow_mut() = link.clients.clone());
+fn remember_abandoned_link(link: &Link) {
+    remember_abandoned(&link.clients);
+}
+
+/// A connection left in doubt: its clients are killed by the next connection.
+pub(super) fn remember_abandoned(clients: &[ClientId]) {
+    if !clients.is_empty() {
+        ABANDONED.with(|a| *a.borrow_mut() = clients.to_vec());
     }
+}
+
+pub(super) fn take_abandoned() -> Vec<ClientId> {
+    ABANDONED.with(|a| std::mem::take(&mut *a.borrow_mut()))
 }
 
 fn abandon(slot: &mut Option<Link>) {
     if let Some(link) = slot.take() {
-        remember_abandoned(&link);
+        remember_abandoned_link(&link);
     }
 }
 
@@ -418,7 +437,7 @@ fn spawn(target: &Target) -> Result<Link> {
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let (ans_tx, ans_rx) = mpsc::channel();
     let connect_timeout = crate::settings::connect_timeout();
-    let to_kill = ABANDONED.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    let to_kill = take_abandoned();
 
     // The helper inherits the signal mask of its creator: block everything while spawning so no
     // PostgreSQL signal handler ever runs on the helper thread.
