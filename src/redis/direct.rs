@@ -356,15 +356,20 @@ fn connect(
             refused(e.to_string())
         }
     })?;
-    // AUTH or SELECT refused, e.g. WRONGPASS or NOPERM: the server's answer, as redis-rs gives it.
-    if let Some(Value::ServerError(e)) = replies[..checked]
-        .iter()
-        .find(|v| matches!(v, Value::ServerError(_)))
-    {
-        return Err(Attempt::Failed(Error::Reply {
-            what: c.what.to_string(),
-            reply: format!("{} {}", e.code(), e.details().unwrap_or("")),
-        }));
+    // AUTH refused (WRONGPASS, NOAUTH): the connection could not be established; SELECT refused
+    // (a database index out of range): the server's answer.
+    for (i, reply) in replies[..checked].iter().enumerate() {
+        if let Value::ServerError(e) = reply {
+            let answer = format!("{} {}", e.code(), e.details().unwrap_or(""));
+            return Err(if i == 0 && settings.password().is_some() {
+                refused(format!("authentication failed: {answer}"))
+            } else {
+                Attempt::Failed(Error::Reply {
+                    what: c.what.to_string(),
+                    reply: answer,
+                })
+            });
+        }
     }
     d.clients = conn::identity(replies.last().cloned(), None)
         .into_iter()
