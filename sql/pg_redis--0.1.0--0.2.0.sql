@@ -41,6 +41,33 @@ BEGIN
   END LOOP;
 END $$;
 
+-- DROP TABLE of a sync-mode mirror on a Redis Cluster purges its per-key version companions.
+CREATE OR REPLACE FUNCTION redis_internal.on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  INSERT INTO redis_internal.queue (mirror_id, op, key)
+  SELECT m.id, x.op, x.key
+    FROM redis_internal.mirrors m
+    JOIN pg_event_trigger_dropped_objects() d ON d.objid = m.tbl::oid
+   CROSS JOIN LATERAL (SELECT current_setting('pg_redis.topology', true) = 'cluster' AS cluster) t
+   CROSS JOIN LATERAL (VALUES ('t'::"char", m.key_pattern),
+                              -- the versions of a sync mirror: its version hash, or on a cluster
+                              -- its per-key companions (glob-escaped prefix, src/delivery/versioned.rs)
+                              ('d'::"char", CASE WHEN m.mode = 'sync' AND t.cluster IS NOT TRUE
+                                                 THEN m.key_prefix || 'pg_redis:ver:' || m.id END),
+                              ('t'::"char", CASE WHEN m.mode = 'sync' AND t.cluster
+                                                 THEN regexp_replace(m.key_prefix, E'([][*?\\\\])', E'\\\\\\1', 'g')
+                                                      || 'pg_redis:ver:' || m.id || ':*' END)) x(op, key)
+   WHERE d.object_type = 'table' AND x.key IS NOT NULL;
+  DELETE FROM redis_internal.mirror_stats s
+   USING redis_internal.mirrors m, pg_event_trigger_dropped_objects() d
+   WHERE s.mirror_id = m.id AND d.objid = m.tbl::oid AND d.object_type = 'table';
+  DELETE FROM redis_internal.mirrors m
+   USING pg_event_trigger_dropped_objects() d
+   WHERE d.objid = m.tbl::oid AND d.object_type = 'table';
+  PERFORM redis_internal.wake_worker();
+END $$;
+
 -- Comments on the internal functions and tables (0.2.0 comments every object).
 COMMENT ON FUNCTION redis_internal.register_trigger(oid) IS 'pg_redis internal: register a hand-written capture trigger as a mirror (called by an event trigger)';
 COMMENT ON FUNCTION redis_internal.revalidate(oid) IS 'pg_redis internal: check a mirror again after ALTER TABLE (called by an event trigger)';

@@ -52,9 +52,15 @@ BEGIN
   SELECT m.id, x.op, x.key
     FROM redis_internal.mirrors m
     JOIN pg_event_trigger_dropped_objects() d ON d.objid = m.tbl::oid
+   CROSS JOIN LATERAL (SELECT current_setting('pg_redis.topology', true) = 'cluster' AS cluster) t
    CROSS JOIN LATERAL (VALUES ('t'::"char", m.key_pattern),
-                              ('d'::"char", CASE WHEN m.mode = 'sync'   -- the versions of a sync mirror
-                                                 THEN m.key_prefix || 'pg_redis:ver:' || m.id END)) x(op, key)
+                              -- the versions of a sync mirror: its version hash, or on a cluster
+                              -- its per-key companions (glob-escaped prefix, src/delivery/versioned.rs)
+                              ('d'::"char", CASE WHEN m.mode = 'sync' AND t.cluster IS NOT TRUE
+                                                 THEN m.key_prefix || 'pg_redis:ver:' || m.id END),
+                              ('t'::"char", CASE WHEN m.mode = 'sync' AND t.cluster
+                                                 THEN regexp_replace(m.key_prefix, E'([][*?\\\\])', E'\\\\\\1', 'g')
+                                                      || 'pg_redis:ver:' || m.id || ':*' END)) x(op, key)
    WHERE d.object_type = 'table' AND x.key IS NOT NULL;
   DELETE FROM redis_internal.mirror_stats s
    USING redis_internal.mirrors m, pg_event_trigger_dropped_objects() d

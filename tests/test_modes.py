@@ -615,6 +615,27 @@ def test_sync_never_regresses_to_an_older_value(m):
         f"(e.g. {stale[:3]}); a reader saw the value go back {len(back)} times (e.g. {back[:3]})")
 
 
+def test_sync_version_hash_removed_by_purge_and_drop(m):
+    """One server: a sync mirror's versions are one hash per mirror (no per-key companions as on a
+    cluster); redis_unmirror(purge) and DROP TABLE delete it."""
+    for how in ("unmirror", "drop"):
+        t = m.table(f"md_sver_{how}", "id int PRIMARY KEY, v text", "VALUES (1, 'one')")
+        m.mirror(t, mode="sync")
+        m.idle()
+        mid = one(m.conn, f"SELECT id FROM redis_internal.mirrors WHERE tbl = '{t}'::regclass")
+        m.conn.execute(f"INSERT INTO {t} VALUES (2, 'two')")
+        versions = f"pg_redis:ver:{mid}"
+        assert m.rc.type(versions) in (b"hash", "hash") and m.rc.hexists(versions, f"{t}:2")
+        assert sorted(m.rc.scan_iter(match="pg_redis:ver:*")) in ([versions], [versions.encode()])
+        if how == "unmirror":
+            m.conn.execute(f"SELECT redis_unmirror('{t}', purge => true)")
+        else:
+            m.conn.execute(f"DROP TABLE {t}")
+        m.idle()
+        wait_until(lambda: not m.rc.exists(versions) and not m.keys(f"{t}:*"), 5,
+                   what=f"the version hash and keys removed ({how})")
+
+
 def test_sync_redis_down_fails_the_statement(env):
     e = env()
     t = e.table("md_sdown", "id int PRIMARY KEY, v text", "VALUES (1, 'one')")

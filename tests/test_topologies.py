@@ -8,7 +8,9 @@ from postgresql.conf), so the groups do not share the module fixtures of conftes
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -440,8 +442,190 @@ def test_cluster_mirror_under_resharding(cluster_pg, rcluster):
             wait_queue_empty(c)
             assert list(view.scan_iter(match="cj:*")) == []
             assert redis_table_diff(cluster_pg, view, "chh", fmt="hash") is None
-            # Sync mode needs two keys in one script: refused on a cluster.
-            e = expect_error(c, "SELECT redis_mirror('cj', mode => 'sync')", sqlstate=NOT_SUPPORTED)
-            assert "cluster" in e.diag.message_primary
+    finally:
+        view.close()
+
+
+def jget(rc, key):
+    v = rc.get(key)
+    return None if v is None else json.loads(v)
+
+
+def by_node(rcluster, match):
+    """{port: keys matching `match` held by that master}."""
+    out = {}
+    for s in rcluster.nodes:
+        c = s.client(decode_responses=True)
+        try:
+            out[s.port] = set(c.scan_iter(match=match, count=1000))
+        finally:
+            c.close()
+    return out
+
+
+def companions(rcluster, prefix=""):
+    """{data key: (its version companion, the master holding the companion)} of sync mirrors."""
+    out = {}
+    for port, keys in by_node(rcluster, f"{prefix}pg_redis:ver:*").items():
+        for comp in keys:
+            m = re.fullmatch(re.escape(prefix) + r"pg_redis:ver:\d+:\{\d+\}(.*)", comp)
+            assert m, f"not a version companion: {comp!r}"
+            out[m.group(1)] = (comp, port)
+    return out
+
+
+def sync_registry(view):
+    return list(view.scan_iter(match="*pg_redis:sync:*", count=1000))
+
+
+class SyncWriter:
+    """A session updating rows 1..rows of `table` (id, v) in small transactions from a thread:
+    two rows per transaction (in id order: no deadlocks), one transaction in five rolled back."""
+
+    def __init__(self, pg, table: str, rows: int, seed: int, txns: int = 150):
+        self.pg, self.table, self.rows, self.seed, self.txns = pg, table, rows, seed, txns
+        self.error = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        rnd = random.Random(self.seed)
+        try:
+            with self.pg.connect() as c:
+                for n in range(self.txns):
+                    c.execute("BEGIN")
+                    for i in sorted(rnd.sample(range(1, self.rows + 1), 2)):
+                        c.execute(f"UPDATE {self.table} SET v = %s WHERE id = %s", (f"s{self.seed}-{n}", i))
+                    c.execute("ROLLBACK" if rnd.random() < 0.2 else "COMMIT")
+        except Exception as e:  # noqa: BLE001 - reported by join()
+            self.error = e
+
+    def join(self):
+        self.thread.join(120)
+        assert not self.thread.is_alive(), "the sync writer did not finish"
+        assert self.error is None, f"the sync writer failed: {self.error!r}"
+
+
+def test_cluster_sync_mode(cluster_pg, rcluster):
+    """Sync mode on a 3-master cluster: each key's version lives in a companion hash in the key's
+    slot, so the versioned script runs on the key's node."""
+    view = ClusterView(rcluster)
+    rc = view.rc
+    try:
+        with cluster_pg.connect() as c, cluster_pg.connect() as other:
+            c.execute("CREATE TABLE cs (id int PRIMARY KEY, v text)")
+            c.execute("INSERT INTO cs SELECT g, 'v' || g FROM generate_series(1, 60) g")
+            c.execute("SELECT redis_mirror('cs', mode => 'sync')")
+            wait_queue_empty(c)
+            assert_redis_equals_table(cluster_pg, view, "cs", timeout=30)
+
+            # Inside a transaction: in Redis before COMMIT, on every master.
+            c.execute("BEGIN")
+            c.execute("UPDATE cs SET v = 'dirty' WHERE id <= 30")
+            c.execute("INSERT INTO cs VALUES (100, 'new')")
+            c.execute("DELETE FROM cs WHERE id = 31")
+            dirty = [f"cs:{i}" for i in range(1, 31)]
+            assert all(jget(rc, k)["v"] == "dirty" for k in dirty)
+            assert jget(rc, "cs:100") == {"id": 100, "v": "new"} and not rc.exists("cs:31")
+            assert one(other, "SELECT v FROM cs WHERE id = 1") == "v1"
+            held = by_node(rcluster, "cs:*")
+            assert all(held.values()), f"the keys are not spread over every master: {held}"
+            assert len({rc.get_node_from_key(k).port for k in dirty}) == 3
+            assert sync_registry(view), "no sync registry while a sync transaction is open"
+            # Every pushed key has its companion, in its slot and on its master.
+            comp = companions(rcluster)
+            for k in dirty + ["cs:100", "cs:31"]:
+                assert k in comp, f"no version companion for {k}"
+                name, port = comp[k]
+                assert rc.keyslot(name) == rc.keyslot(k), (name, k)
+                assert port == rc.get_node_from_key(k).port, f"{name} is not on the master of {k}"
+                assert k in held[port] or k == "cs:31"
+                assert rc.hkeys(name) == [k] and int(rc.hget(name, k)) > 0
+            # ROLLBACK: the worker repairs every pushed key from the table.
+            c.execute("ROLLBACK")
+            t0 = time.monotonic()
+            assert_redis_equals_table(cluster_pg, view, "cs", timeout=5)
+            print(f"cluster sync rollback repaired in {(time.monotonic() - t0) * 1000:.0f} ms")
+            wait_until(lambda: not sync_registry(view), 5, 0.05, "the sync registry to be cleaned")
+
+            # COMMIT keeps what was pushed; the queue's redelivery changes nothing.
+            c.execute("BEGIN")
+            c.execute("UPDATE cs SET v = 'kept' WHERE id IN (1, 2, 3)")
+            c.execute("DELETE FROM cs WHERE id = 4")
+            assert jget(rc, "cs:2") == {"id": 2, "v": "kept"} and not rc.exists("cs:4")
+            c.execute("COMMIT")
+            wait_queue_empty(c)
+            assert [jget(rc, f"cs:{i}") for i in (1, 2, 3)] == [{"id": i, "v": "kept"} for i in (1, 2, 3)]
+            assert not rc.exists("cs:4")
+
+            # Two sessions updating the same rows, some transactions rolled back.
+            writers = [SyncWriter(cluster_pg, "cs", 20, seed) for seed in (1, 2)]
+            for w in writers:
+                w.join()
+            wait_queue_empty(c)
+            wait_until(lambda: not sync_registry(view), 10, 0.05, "the sync registry to be cleaned")
+            assert_redis_equals_table(cluster_pg, view, "cs", timeout=10)
+            checked, missing, stale, extra, _ = c.execute("SELECT * FROM redis_verify('cs')").fetchone()
+            assert (missing, stale, extra) == (0, 0, 0) and checked == one(c, "SELECT count(*) FROM cs")
+            s = c.execute("SELECT dead_letters, failed FROM redis_stats WHERE mirror = 'cs'::regclass").fetchone()
+            assert s == (0, 0), s
+
+            # Unmirror with purge removes the keys and every companion, on every master.
+            mid = one(c, "SELECT id FROM redis_internal.mirrors WHERE tbl = 'cs'::regclass")
+            assert len(companions(rcluster)) >= 60
+            c.execute("SELECT redis_unmirror('cs', purge => true)")
+            wait_queue_empty(c)
+            assert list(view.scan_iter(match="cs:*")) == []
+            assert list(view.scan_iter(match=f"pg_redis:ver:{mid}:*")) == []
+            assert list(view.scan_iter(match="*pg_redis:ver:*")) == []
+
+            # DROP TABLE of a sync-mirrored table does too.
+            c.execute("CREATE TABLE cs2 (id int PRIMARY KEY, v text)")
+            c.execute("SELECT redis_mirror('cs2', mode => 'sync')")
+            c.execute("INSERT INTO cs2 SELECT g, 'x' FROM generate_series(1, 30) g")
+            assert jget(rc, "cs2:7") == {"id": 7, "v": "x"}
+            assert len(companions(rcluster)) == 30
+            c.execute("DROP TABLE cs2")
+            wait_queue_empty(c)
+            assert list(view.scan_iter(match="cs2:*")) == []
+            assert list(view.scan_iter(match="*pg_redis:ver:*")) == []
+    finally:
+        view.close()
+
+
+def test_cluster_sync_key_prefix(cluster_pg, rcluster):
+    """A key prefix with a '{' that opens no complete hash tag would put the companions in other
+    slots than their keys: refused (0A000). A prefix with a whole tag puts everything in one slot."""
+    view = ClusterView(rcluster)
+    rc = view.rc
+    try:
+        with cluster_pg.connect() as c:
+            c.execute("CREATE TABLE csp (id int PRIMARY KEY, v text)")
+            for bad in ("a{b:", "x{}y:"):
+                setting(c, "pg_redis.key_prefix", bad)
+                e = expect_error(c, "SELECT redis_mirror('csp', mode => 'sync')", sqlstate=NOT_SUPPORTED)
+                msg = e.diag.message_primary
+                assert f'"{bad}"' in msg and "key_prefix" in msg and "cluster" in msg.lower(), msg
+                assert one(c, "SELECT count(*) FROM redis_internal.mirrors WHERE tbl = 'csp'::regclass") == 0
+            # Other modes do not care.
+            c.execute("SELECT redis_mirror('csp', mode => 'commit')")
+            c.execute("SELECT redis_unmirror('csp')")
+            setting(c, "pg_redis.key_prefix", "{tn}:")
+            c.execute("SELECT redis_mirror('csp', mode => 'sync')")
+            c.execute("BEGIN")
+            c.execute("INSERT INTO csp SELECT g, 'p' FROM generate_series(1, 20) g")
+            assert jget(rc, "{tn}:csp:5") == {"id": 5, "v": "p"}
+            c.execute("ROLLBACK")
+            wait_until(lambda: not list(view.scan_iter(match="{tn}:csp:*")), 5, 0.05,
+                       "the rolled-back keys to be removed")
+            c.execute("INSERT INTO csp VALUES (1, 'one')")
+            assert jget(rc, "{tn}:csp:1") == {"id": 1, "v": "one"}
+            comp = companions(rcluster, "{tn}:")
+            assert comp and all(rc.keyslot(name) == rc.keyslot("tn") for name, _ in comp.values())
+            c.execute("SELECT redis_unmirror('csp', purge => true)")
+            wait_queue_empty(c)
+            assert list(view.scan_iter(match="*pg_redis:ver:*")) == []
+            assert list(view.scan_iter(match="{tn}:csp:*")) == []
+            c.execute("RESET pg_redis.key_prefix")
     finally:
         view.close()

@@ -34,8 +34,8 @@ struct Queued {
     ev: Option<String>,
     old_key: Option<String>,
     xid: String,
-    /// Set for sync-mode mirrors: writes carry versions (delivery::versioned).
-    versions: Option<String>,
+    /// The key prefix of a sync-mode mirror: its writes carry versions (delivery::versioned).
+    sync_prefix: Option<String>,
     /// json/jsonb columns of a hash-format mirror: their fields hold JSON text.
     json_cols: Vec<String>,
     /// Where the row is: delivered rows are deleted by TID (one deliverer at a time, so the
@@ -56,10 +56,6 @@ pub struct Outcome {
 /// at once when another deliverer holds it (worker). Must run inside a transaction.
 pub fn deliver_batch(max: usize, wait_for_lock: bool) -> Result<Outcome> {
     as_role(ext_owner(), false, || deliver_inner(max, wait_for_lock))
-}
-
-fn r_mirror_id(r: &pgrx::spi::SpiHeapTupleData) -> i32 {
-    r.get::<i32>(2).ok().flatten().unwrap_or_default()
 }
 
 fn spi_err(e: pgrx::spi::SpiError) -> Error {
@@ -116,10 +112,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                     ev: r.get::<String>(12).map_err(spi_err)?,
                     old_key: r.get::<String>(13).map_err(spi_err)?,
                     xid: r.get::<String>(14).map_err(spi_err)?.unwrap_or_default(),
-                    versions: r
-                        .get::<String>(15)
-                        .map_err(spi_err)?
-                        .map(|p| super::versioned::version_hash(&p, r_mirror_id(&r))),
+                    sync_prefix: r.get::<String>(15).map_err(spi_err)?,
                     ctid: r.get::<String>(16).map_err(spi_err)?.unwrap_or_default(),
                     json_cols: r
                         .get::<Vec<String>>(17)
@@ -208,28 +201,31 @@ fn standbys_have(upto: u64) -> Result<bool> {
 /// ('t') split the batch: what precedes them is sent first, then the layout is scanned.
 fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
     let mut results = Vec::with_capacity(batch.len());
-    let mut pending: Vec<(usize, usize)> = vec![]; // (change index, commands it sent)
+    // Per change: the number of commands it sent, or why it could not be sent.
+    let mut pending: Vec<std::result::Result<usize, String>> = vec![];
     let mut cmds: Vec<Cmd> = vec![];
     let flush = |cmds: &mut Vec<Cmd>,
-                 pending: &mut Vec<(usize, usize)>,
+                 pending: &mut Vec<std::result::Result<usize, String>>,
                  results: &mut Vec<std::result::Result<(), String>>|
      -> Result<()> {
         if cmds.is_empty() {
             // Changes with nothing to send (their mirror is gone) are done all the same.
-            results.extend(pending.drain(..).map(|_| Ok(())));
+            results.extend(pending.drain(..).map(|n| n.map(|_| ())));
             return Ok(());
         }
         let what = format!("delivering {} queued changes", pending.len());
         let replies = call_pipeline(&Call::new(&what), cmds)?;
         let mut it = replies.into_iter();
-        for (_, n) in pending.drain(..) {
-            let replies: Vec<Value> = it.by_ref().take(n).collect();
-            results.push(verdict(&replies));
+        for n in pending.drain(..) {
+            results.push(n.and_then(|n| {
+                let replies: Vec<Value> = it.by_ref().take(n).collect();
+                verdict(&replies)
+            }));
         }
         cmds.clear();
         Ok(())
     };
-    for (i, q) in batch.iter().enumerate() {
+    for q in batch {
         if q.op == "t" {
             flush(&mut cmds, &mut pending, &mut results)?;
             let mut r = match purge_pattern(&q.key) {
@@ -246,21 +242,26 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
             continue;
         }
         let before = cmds.len();
-        build(q, &mut cmds);
-        event(q, &mut cmds);
-        pending.push((i, cmds.len() - before));
+        let built = build(q, &mut cmds);
+        if built.is_ok() {
+            event(q, &mut cmds);
+        }
+        pending.push(built.map(|_| cmds.len() - before));
     }
     flush(&mut cmds, &mut pending, &mut results)?;
     Ok(results)
 }
 
 /// The commands for one change. A change whose mirror is gone still deletes (DROP TABLE purge),
-/// but writes nothing.
-fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
-    if let (Some(versions), Some(format), "s" | "d") = (&q.versions, &q.format, q.op.as_str()) {
+/// but writes nothing. A sync-mode change whose version has no container (a cluster with a key
+/// prefix that breaks slots) is refused.
+fn build(q: &Queued, cmds: &mut Vec<Cmd>) -> std::result::Result<(), String> {
+    if let (Some(prefix), Some(format), "s" | "d") = (&q.sync_prefix, &q.format, q.op.as_str()) {
+        let versions =
+            super::versioned::container(prefix, q.mirror_id, &q.key).map_err(|e| e.to_string())?;
         cmds.push(super::versioned::command(
             &q.key,
-            versions,
+            &versions,
             q.id,
             &q.op,
             q.payload.as_deref(),
@@ -270,7 +271,7 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
                 json_cols: &q.json_cols,
             },
         ));
-        return;
+        return Ok(());
     }
     key_commands(
         &q.op,
@@ -281,6 +282,7 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) {
         &q.json_cols,
         cmds,
     );
+    Ok(())
 }
 
 /// The Redis commands that apply one change to its key: 's' writes the row (SET, or for a hash

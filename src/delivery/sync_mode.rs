@@ -19,24 +19,51 @@ use crate::mirror::template::{self, quote_ident};
 use crate::redis::{call, call_pipeline, value, Call};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use redis::{cmd, Value};
+use redis::{cmd, Cmd, Value};
 
 fn registry(prefix: &str, db: u32) -> String {
     format!("{prefix}pg_redis:sync:{db}")
 }
 
-/// Backend side, from the capture trigger: register, then push, in one round trip.
+/// Backend side, from the capture trigger: register, then push. One round trip on one server;
+/// on a cluster the registry is written first on its own, because redis-rs splits a pipeline per
+/// node and the values could land while the registry write failed (then nothing would repair a
+/// rollback).
 pub fn push(
     m: &Mirror,
     changes: &[(&'static str, String, Option<String>)],
     ids: &[i64],
 ) -> Result<()> {
-    if crate::redis::is_cluster() {
-        return Err(super::versioned::not_on_cluster(&format!(
-            "writing to {}",
-            m.table_name()
-        )));
+    let cluster = crate::redis::is_cluster();
+    if cluster {
+        super::versioned::check_prefix(&m.key_prefix, &format!("writing to {}", m.table_name()))?;
     }
+    let Some(register) = registration(m, changes, ids) else {
+        return Ok(());
+    };
+    let writes = versioned_writes(m, changes, ids)?;
+    let what = format!(
+        "pushing {} changes of {} (sync mode)",
+        changes.len(),
+        m.table_name()
+    );
+    if cluster {
+        send(&what, &register)?;
+        send(&what, &writes)?;
+    } else {
+        send(&what, &[register, writes].concat())?;
+    }
+    crate::delivery::commit_wait::note_sync_mode();
+    Ok(())
+}
+
+/// The registry writes of a push (None: nothing to push): the (sub)transaction in the database's
+/// set, its `mirror_id:version:key` entries in its own set.
+fn registration(
+    m: &Mirror,
+    changes: &[(&'static str, String, Option<String>)],
+    ids: &[i64],
+) -> Option<Vec<Cmd>> {
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let xid = unsafe { pg_sys::GetCurrentFullTransactionId() }.value;
     let reg = registry(&m.key_prefix, db);
@@ -45,10 +72,8 @@ pub fn push(
     // life of the server is always repaired.
     let member = format!("{xid}@{}", server_life());
     let entries = format!("{reg}:{member}");
-    let mut cmds = vec![];
     let mut sadd_x = cmd("SADD");
     sadd_x.arg(&reg).arg(&member);
-    cmds.push(sadd_x);
     let mut sadd_k = cmd("SADD");
     sadd_k.arg(&entries);
     let mut any = false;
@@ -58,40 +83,46 @@ pub fn push(
             any = true;
         }
     }
-    if !any {
-        return Ok(());
-    }
-    cmds.push(sadd_k);
-    let versions = crate::delivery::versioned::version_hash(&m.key_prefix, m.id);
+    any.then(|| vec![sadd_x, sadd_k])
+}
+
+/// The versioned writes of a push, each with its key's version container.
+fn versioned_writes(
+    m: &Mirror,
+    changes: &[(&'static str, String, Option<String>)],
+    ids: &[i64],
+) -> Result<Vec<Cmd>> {
     let json_cols = m.json_columns();
+    let shape = super::versioned::Shape {
+        format: &m.format,
+        ttl: m.ttl_seconds,
+        json_cols: &json_cols,
+    };
+    let mut cmds = vec![];
     for ((op, key, payload), id) in changes.iter().zip(ids) {
         if *op != "s" && *op != "d" {
             continue; // TRUNCATE in sync mode is delivered by the queue after COMMIT
         }
-        cmds.push(crate::delivery::versioned::command(
+        let versions = super::versioned::container(&m.key_prefix, m.id, key)?;
+        cmds.push(super::versioned::command(
             key,
             &versions,
             *id,
             op,
             payload.as_deref(),
-            &crate::delivery::versioned::Shape {
-                format: &m.format,
-                ttl: m.ttl_seconds,
-                json_cols: &json_cols,
-            },
+            &shape,
         ));
     }
-    let what = format!(
-        "pushing {} changes of {} (sync mode)",
-        changes.len(),
-        m.table_name()
-    );
-    let replies = call_pipeline(&Call::new(&what), &cmds)?;
-    if let Err(reply) = crate::delivery::deliver::verdict(&replies) {
-        return Err(Error::Reply { what, reply });
-    }
-    crate::delivery::commit_wait::note_sync_mode();
-    Ok(())
+    Ok(cmds)
+}
+
+/// One pipeline; any error reply fails the statement.
+fn send(what: &str, cmds: &[Cmd]) -> Result<()> {
+    let replies = call_pipeline(&Call::new(what), cmds)?;
+    crate::delivery::deliver::verdict(&replies).map_err(|reply| Error::Reply {
+        what: what.to_string(),
+        reply,
+    })
 }
 
 /// Worker side: repair what (sub)transactions that did not commit pushed. Returns the registry

@@ -91,9 +91,6 @@ fn mirror(
                 "redis_mirror: mode '{mode}' needs the background worker: add pg_redis to shared_preload_libraries and this database to pg_redis.databases"
             )))
         }
-        "sync" if crate::redis::is_cluster() => {
-            return Err(crate::delivery::versioned::not_on_cluster("redis_mirror"))
-        }
         "commit" | "sync" => {}
         other => {
             return Err(invalid(format!(
@@ -166,6 +163,9 @@ fn mirror(
         validate::filter(tbl, &t.name, f)?;
     }
     let key_prefix = crate::settings::key_prefix();
+    if mode == "sync" && crate::redis::is_cluster() {
+        crate::delivery::versioned::check_prefix(&key_prefix, "redis_mirror")?;
+    }
     let pattern = template::scan_pattern(&key_prefix, &parts);
     let lit = template::literal_prefix(&key_prefix, &parts);
 
@@ -335,8 +335,7 @@ fn redis_unmirror(tbl: Option<PgRelation>, purge: default!(Option<bool>, "false"
         if purge.unwrap_or(false) {
             let mut purge = vec![capture::Change::new("t", m.key_pattern.clone(), None)];
             if m.mode == "sync" {
-                let versions = crate::delivery::versioned::version_hash(&m.key_prefix, m.id);
-                purge.push(capture::Change::new("d", versions, None));
+                purge.push(version_purge(&m));
             }
             capture::enqueue(&m, purge)?;
             crate::delivery::wake_at_commit();
@@ -353,6 +352,17 @@ fn redis_unmirror(tbl: Option<PgRelation>, purge: default!(Option<bool>, "false"
         Ok(true)
     })()
     .or_raise()
+}
+
+/// The change that removes a sync mirror's versions: its version hash, or on a cluster every
+/// companion (a keyspace purge by pattern, which scans every master).
+fn version_purge(m: &catalog::Mirror) -> capture::Change {
+    use crate::delivery::versioned::{companion_pattern, version_hash};
+    if crate::redis::is_cluster() {
+        capture::Change::new("t", companion_pattern(&m.key_prefix, m.id), None)
+    } else {
+        capture::Change::new("d", version_hash(&m.key_prefix, m.id), None)
+    }
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

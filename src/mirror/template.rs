@@ -111,22 +111,24 @@ pub fn key_sql(key_prefix: &str, parts: &[Part]) -> String {
     out.join(" || ")
 }
 
+/// Text matched literally by a SCAN MATCH glob.
+pub fn glob_escape(s: &str) -> String {
+    let mut o = String::new();
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            o.push('\\');
+        }
+        o.push(ch);
+    }
+    o
+}
+
 /// The SCAN MATCH pattern of the layout: literals glob-escaped, placeholders as `*`.
 pub fn scan_pattern(key_prefix: &str, parts: &[Part]) -> String {
-    let esc = |s: &str| {
-        let mut o = String::new();
-        for ch in s.chars() {
-            if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
-                o.push('\\');
-            }
-            o.push(ch);
-        }
-        o
-    };
-    let mut out = esc(key_prefix);
+    let mut out = glob_escape(key_prefix);
     for p in parts {
         match p {
-            Part::Lit(l) => out.push_str(&esc(l)),
+            Part::Lit(l) => out.push_str(&glob_escape(l)),
             Part::Col(_) => out.push('*'),
         }
     }
