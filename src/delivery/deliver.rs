@@ -43,6 +43,66 @@ struct Queued {
     ctid: String,
 }
 
+/// What delivery needs of a mirror. None: the mirror is gone (its changes still delete).
+struct MirrorInfo {
+    format: String,
+    ttl: Option<i32>,
+    stream: Option<String>,
+    table: String,
+    sync_prefix: Option<String>,
+    json_cols: Vec<String>,
+}
+
+thread_local! {
+    /// The worker's mirrors by id, valid while catalog::generation() stays (any change of a
+    /// mirror's catalog row invalidates its table's relcache entry, which moves it). Ids are
+    /// never reused, so "gone" is kept too.
+    static MIRRORS: std::cell::RefCell<(u64, HashMap<i32, Option<std::rc::Rc<MirrorInfo>>>)> =
+        std::cell::RefCell::new((0, HashMap::new()));
+}
+
+fn mirror_info(c: &pgrx::spi::SpiClient<'_>, id: i32) -> Result<Option<std::rc::Rc<MirrorInfo>>> {
+    let generation = crate::mirror::catalog::generation();
+    let hit = MIRRORS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.0 != generation {
+            *m = (generation, HashMap::new());
+        }
+        m.1.get(&id).cloned()
+    });
+    if let Some(hit) = hit {
+        return Ok(hit);
+    }
+    let rows = crate::plans::select(
+        c,
+        "SELECT m.format, m.ttl_seconds, m.stream, m.tbl::text, \
+                CASE WHEN m.mode = 'sync' THEN m.key_prefix END, \
+                CASE WHEN m.format = 'hash' THEN ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                     WHERE a.attrelid = m.tbl AND a.attnum > 0 AND NOT a.attisdropped \
+                       AND a.atttypid IN ('json'::regtype, 'jsonb'::regtype)) END \
+           FROM redis_internal.mirrors m WHERE m.id = $1",
+        None,
+        &[id.into()],
+    )
+    .map_err(spi_err)?;
+    let mut info = None;
+    for r in rows {
+        info = Some(std::rc::Rc::new(MirrorInfo {
+            format: r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
+            ttl: r.get::<i32>(2).map_err(spi_err)?,
+            stream: r.get::<String>(3).map_err(spi_err)?,
+            table: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
+            sync_prefix: r.get::<String>(5).map_err(spi_err)?,
+            json_cols: r
+                .get::<Vec<String>>(6)
+                .map_err(spi_err)?
+                .unwrap_or_default(),
+        }));
+    }
+    MIRRORS.with(|m| m.borrow_mut().1.insert(id, info.clone()));
+    Ok(info)
+}
+
 #[derive(Default, Debug)]
 pub struct Outcome {
     pub claimed: usize,
@@ -79,48 +139,42 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         return Ok(Outcome::default());
     }
     let batch: Vec<Queued> = Spi::connect(|c| {
+        // The queue alone, in id order: a plan this simple starts fast, and the mirrors'
+        // settings come from the worker's own cache (mirror_info).
         let rows = crate::plans::select(
-                c,
-                "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, q.attempts, m.format, m.ttl_seconds, \
-                        extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
-                        m.stream, coalesce(m.tbl::text, ''), q.ev::text, q.old_key, q.xid::text, \
-                        CASE WHEN m.mode = 'sync' THEN m.key_prefix END, q.ctid::text \
-                        , mj.cols \
-                   FROM redis_internal.queue q LEFT JOIN redis_internal.mirrors m ON m.id = q.mirror_id \
-                   LEFT JOIN LATERAL (SELECT ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
-                                                    WHERE a.attrelid = m.tbl AND a.attnum > 0 AND NOT a.attisdropped \
-                                                      AND a.atttypid IN ('json'::regtype, 'jsonb'::regtype)) AS cols \
-                                       WHERE m.format = 'hash') mj ON true \
-                  ORDER BY q.id LIMIT $1",
-                None,
-                &[(max as i64).into()],
-            )
-            .map_err(spi_err)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(Queued {
-                    id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default(),
-                    mirror_id: r.get::<i32>(2).map_err(spi_err)?.unwrap_or_default(),
-                    op: r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
-                    key: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
-                    payload: r.get::<String>(5).map_err(spi_err)?,
-                    format: r.get::<String>(7).map_err(spi_err)?,
-                    ttl: r.get::<i32>(8).map_err(spi_err)?,
-                    age_ms: r.get::<f64>(9).map_err(spi_err)?.unwrap_or_default(),
-                    stream: r.get::<String>(10).map_err(spi_err)?,
-                    table: r.get::<String>(11).map_err(spi_err)?.unwrap_or_default(),
-                    ev: r.get::<String>(12).map_err(spi_err)?,
-                    old_key: r.get::<String>(13).map_err(spi_err)?,
-                    xid: r.get::<String>(14).map_err(spi_err)?.unwrap_or_default(),
-                    sync_prefix: r.get::<String>(15).map_err(spi_err)?,
-                    ctid: r.get::<String>(16).map_err(spi_err)?.unwrap_or_default(),
-                    json_cols: r
-                        .get::<Vec<String>>(17)
-                        .map_err(spi_err)?
-                        .unwrap_or_default(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()
+            c,
+            "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, \
+                    extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
+                    q.ev::text, q.old_key, q.xid::text, q.ctid::text \
+               FROM redis_internal.queue q ORDER BY q.id LIMIT $1",
+            None,
+            &[(max as i64).into()],
+        )
+        .map_err(spi_err)?;
+        let mut batch = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mirror_id = r.get::<i32>(2).map_err(spi_err)?.unwrap_or_default();
+            let info = mirror_info(c, mirror_id)?;
+            batch.push(Queued {
+                id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default(),
+                mirror_id,
+                op: r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
+                key: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
+                payload: r.get::<String>(5).map_err(spi_err)?,
+                age_ms: r.get::<f64>(6).map_err(spi_err)?.unwrap_or_default(),
+                ev: r.get::<String>(7).map_err(spi_err)?,
+                old_key: r.get::<String>(8).map_err(spi_err)?,
+                xid: r.get::<String>(9).map_err(spi_err)?.unwrap_or_default(),
+                ctid: r.get::<String>(10).map_err(spi_err)?.unwrap_or_default(),
+                format: info.as_ref().map(|i| i.format.clone()),
+                ttl: info.as_ref().and_then(|i| i.ttl),
+                stream: info.as_ref().and_then(|i| i.stream.clone()),
+                table: info.as_ref().map(|i| i.table.clone()).unwrap_or_default(),
+                sync_prefix: info.as_ref().and_then(|i| i.sync_prefix.clone()),
+                json_cols: info.map(|i| i.json_cols.clone()).unwrap_or_default(),
+            });
+        }
+        Ok::<_, Error>(batch)
     })?;
     if batch.is_empty() {
         return Ok(Outcome::default());

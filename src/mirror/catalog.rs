@@ -87,6 +87,7 @@ thread_local! {
 
 /// Called from the relcache invalidation callback (src/plans.rs): only forget, nothing else.
 pub fn forget(relid: Option<pg_sys::Oid>) {
+    let _ = GENERATION.try_with(|g| g.set(g.get().wrapping_add(1)));
     let done = BY_TABLE
         .try_with(|m| match m.try_borrow_mut() {
             Ok(mut m) => {
@@ -105,6 +106,17 @@ pub fn forget(relid: Option<pg_sys::Oid>) {
     if !done {
         let _ = FORGET_ALL.try_with(|f| f.set(true));
     }
+}
+
+thread_local! {
+    /// Counts relcache invalidations seen: caches keyed otherwise (the worker's mirrors by id)
+    /// drop their entries when it moves.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Moves at every relcache invalidation (a mirror's catalog row changes invalidate its table).
+pub fn generation() -> u64 {
+    GENERATION.with(|g| g.get())
 }
 
 /// The table's mirror, read on every captured statement: kept per backend (see BY_TABLE).
