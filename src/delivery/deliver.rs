@@ -53,11 +53,13 @@ struct MirrorInfo {
     json_cols: Vec<String>,
 }
 
+type MirrorsById = HashMap<i32, Option<std::rc::Rc<MirrorInfo>>>;
+
 thread_local! {
     /// The worker's mirrors by id, valid while catalog::generation() stays (any change of a
     /// mirror's catalog row invalidates its table's relcache entry, which moves it). Ids are
     /// never reused, so "gone" is kept too.
-    static MIRRORS: std::cell::RefCell<(u64, HashMap<i32, Option<std::rc::Rc<MirrorInfo>>>)> =
+    static MIRRORS: std::cell::RefCell<(u64, MirrorsById)> =
         std::cell::RefCell::new((0, HashMap::new()));
 }
 
