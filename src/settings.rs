@@ -29,7 +29,7 @@ static COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Prepended to every key this session reads or writes.
 static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Changes per pipelined round trip.
-static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms).
 static COMMIT_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Failed deliveries of one change before it moves to the dead letters.
