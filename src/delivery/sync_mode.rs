@@ -125,9 +125,23 @@ fn send(what: &str, cmds: &[Cmd]) -> Result<()> {
     })
 }
 
-/// Worker side: repair what (sub)transactions that did not commit pushed. Returns the registry
-/// entries to remove once the repairs are committed to the queue.
-pub fn repair_pending() -> Result<Vec<(String, String, String)>> {
+thread_local! {
+    /// The key prefixes of sync-mode mirrors, valid while catalog::generation() stays (a change
+    /// of any mirror's catalog row invalidates its table's relcache entry, which moves it).
+    static PREFIXES: std::cell::RefCell<Option<(u64, Vec<String>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The key prefixes of the sync-mode mirrors: read once per catalog change, not every loop.
+fn sync_prefixes() -> Result<Vec<String>> {
+    let generation = crate::mirror::catalog::generation();
+    if let Some(p) = PREFIXES.with(|p| {
+        p.borrow()
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, v)| v.clone())
+    }) {
+        return Ok(p);
+    }
     let prefixes: Vec<String> = as_role(ext_owner(), false, || {
         Spi::connect(|c| {
             let t = crate::plans::select(
@@ -142,6 +156,33 @@ pub fn repair_pending() -> Result<Vec<(String, String, String)>> {
         })
     })
     .map_err(|e| Error::Internal(format!("sync repair: {e}")))?;
+    PREFIXES.with(|p| *p.borrow_mut() = Some((generation, prefixes.clone())));
+    Ok(prefixes)
+}
+
+/// Whether any mirror is in sync mode (the worker skips the repair pass otherwise). In doubt
+/// (the catalog could not be read), yes.
+pub fn any_sync_mirror() -> bool {
+    let generation = crate::mirror::catalog::generation();
+    if let Some(any) = PREFIXES.with(|p| {
+        p.borrow()
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, v)| !v.is_empty())
+    }) {
+        return any;
+    }
+    // Reading the catalog can raise (a lock timeout against a DROP EXTENSION): in a subtransaction.
+    match crate::mirror::validate::in_subtransaction(sync_prefixes) {
+        Ok(Ok(p)) => !p.is_empty(),
+        _ => true,
+    }
+}
+
+/// Worker side: repair what (sub)transactions that did not commit pushed. Returns the registry
+/// entries to remove once the repairs are committed to the queue.
+pub fn repair_pending() -> Result<Vec<(String, String, String)>> {
+    let prefixes = sync_prefixes()?;
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let mut done = vec![];
     for prefix in prefixes {

@@ -60,6 +60,7 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         if let Err(e) = Spi::run("SET lock_timeout = '300ms'") {
             warning!("pg_redis: could not set the worker's lock_timeout: {e}");
         }
+        crate::mirror::context::adopt_internal_settings();
     });
     log!("pg_redis: worker started for database \"{db}\"");
     let mut backoff = Duration::from_millis(100);
@@ -94,6 +95,9 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
                 return (s, vec![]);
             }
             // Sync-mode pushes of (sub)transactions that did not commit: repair through the queue.
+            if !super::sync_mode::any_sync_mirror() {
+                return (s, vec![]);
+            }
             let repaired = match crate::mirror::validate::in_subtransaction(
                 super::sync_mode::repair_pending,
             ) {
@@ -181,6 +185,21 @@ fn pause(period: Duration) -> bool {
     }
 }
 
+fn backfill_check_due() -> bool {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = std::time::Instant::now();
+    let due = LAST.with(|l| {
+        l.get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(50))
+    });
+    if due {
+        LAST.with(|l| l.set(Some(now)));
+    }
+    due
+}
+
 fn set_down(down: bool) {
     let me = unsafe { pg_sys::MyProcPid };
     let mut s = SLOTS.exclusive();
@@ -202,6 +221,9 @@ fn step() -> Step {
         // Waiting for a standby already took up to a second: look again at once.
         Ok(o) if o.claimed >= batch || o.waiting_for_standby => Step::Busy,
         Ok(o) if o.failed > 0 => Step::Refused,
+        // A stream of small batches (a busy OLTP load): look for backfill work every 50 ms only,
+        // not after each batch; an empty batch always looks.
+        Ok(o) if o.claimed > 0 && !backfill_check_due() => Step::Idle,
         Ok(_) => match crate::mirror::backfill::step_any() {
             Ok(true) => Step::Busy,
             Ok(false) => Step::Idle,

@@ -58,21 +58,44 @@ fn as_role_only<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -
     r
 }
 
+const RENDER_SETTINGS: [(&str, &str); 7] = [
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+    ("search_path", "pg_catalog, pg_temp"),
+    ("standard_conforming_strings", "on"),
+];
+
 /// Run `f` with the settings that make rendering independent of the session: UTC timestamps,
 /// ISO dates, full-precision floats, hex bytea, and a search_path of pg_catalog only.
 pub fn with_render_settings<R>(f: impl FnOnce() -> R) -> R {
-    with_settings(
-        &[
-            ("TimeZone", "UTC"),
-            ("DateStyle", "ISO, YMD"),
-            ("IntervalStyle", "postgres"),
-            ("extra_float_digits", "1"),
-            ("bytea_output", "hex"),
-            ("search_path", "pg_catalog, pg_temp"),
-            ("standard_conforming_strings", "on"),
-        ],
-        f,
-    )
+    with_settings(&RENDER_SETTINGS, f)
+}
+
+/// The worker runs only internal SQL: it makes the render and safe settings its session's own
+/// once, so that `as_role` and `with_render_settings` find nothing to change on every batch.
+/// Inside a transaction.
+pub fn adopt_internal_settings() {
+    for (name, value) in RENDER_SETTINGS.iter().chain(SAFE_SETTINGS.iter()) {
+        let (n, v) = (
+            CString::new(*name).unwrap_or_default(),
+            CString::new(*value).unwrap_or_default(),
+        );
+        unsafe {
+            pg_sys::set_config_option(
+                n.as_ptr(),
+                v.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SET,
+                true,
+                0,
+                false,
+            );
+        }
+    }
 }
 
 /// Run `f` with the settings given (session-local, undone afterwards and on error).
