@@ -650,6 +650,35 @@ def test_worker_deletes_reach_autovacuum_statistics(m):
     wait_until(counted, 10, 0.2, "the worker's queue deletes in pg_stat_all_tables")
 
 
+def test_worker_vacuums_the_queue_itself(m):
+    """Each delivered change leaves a dead row and index entry at the head of the queue; the
+    worker vacuums the queue itself after 50,000 deliveries (autovacuum comes once a minute at
+    best, and is off here so that only the worker can have done it)."""
+    m.conn.execute("ALTER TABLE redis_internal.queue SET (autovacuum_enabled = off)")
+    try:
+        m.table("mx_vac", "id int PRIMARY KEY, v text")
+        one(m.conn, "SELECT redis_mirror('mx_vac')")
+        wait_idle(m.conn, "mx_vac")
+
+        def vacuums():
+            m.conn.execute("SELECT pg_stat_clear_snapshot()")
+            return one(m.conn, "SELECT vacuum_count FROM pg_stat_all_tables "
+                               "WHERE relid = 'redis_internal.queue'::regclass")
+        before = vacuums()
+        for lo in range(1, 60_001, 20_000):
+            m.conn.execute(f"INSERT INTO mx_vac SELECT g, 'x' FROM generate_series({lo}, {lo + 19_999}) g")
+        wait_idle(m.conn, "mx_vac", timeout=60)
+        # one more change after the last batch: the worker looks at its count after each loop
+        m.conn.execute("UPDATE mx_vac SET v = 'y' WHERE id = 1")
+        wait_until(lambda: vacuums() > before, 10, 0.2, "a VACUUM of the queue by the worker")
+        assert one(m.conn, "SELECT count(*) FROM redis_internal.queue") == 0
+        m.conn.execute("SELECT pg_stat_clear_snapshot()")
+        dead = one(m.conn, "SELECT n_dead_tup FROM pg_stat_all_tables WHERE relid = 'redis_internal.queue'::regclass")
+        assert dead < 50_000, f"{dead} dead rows left in the queue after the worker's vacuum"
+    finally:
+        m.conn.execute("ALTER TABLE redis_internal.queue RESET (autovacuum_enabled)")
+
+
 def test_hash_format(m):
     m.table("mx_h", TYPES_DDL)
     m.conn.execute("SELECT redis_mirror('mx_h', format => 'hash')")

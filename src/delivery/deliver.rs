@@ -17,6 +17,16 @@ use pgrx::prelude::*;
 use redis::{cmd, Cmd, Value};
 use std::collections::HashMap;
 
+thread_local! {
+    /// Queue rows this process deleted (delivered), for the worker's own vacuum of the queue.
+    static DELETED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Queue rows deleted since the last call.
+pub fn take_deleted() -> u64 {
+    DELETED.with(|d| d.replace(0))
+}
+
 /// Advisory lock key held by whoever delivers ('pg_redis' in ASCII).
 pub const DELIVERY_LOCK: i64 = 0x7067_5f72_6564_6973;
 
@@ -538,11 +548,13 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             }
         }
     }
+    let deleted = done_tids.len() as u64;
     crate::plans::run(
         "DELETE FROM redis_internal.queue WHERE ctid = ANY($1::text[]::tid[])",
         &[done_tids.into()],
     )
     .map_err(spi_err)?;
+    DELETED.with(|d| d.set(d.get() + deleted));
     if !failed_ids.is_empty() {
         crate::plans::run(
             "UPDATE redis_internal.queue q SET attempts = q.attempts + 1, last_error = u.e \
