@@ -194,7 +194,7 @@ fn pause(period: Duration) -> bool {
 /// index entry at the head of the queue's id index, which each batch's index scan steps over until
 /// a VACUUM removes them; autovacuum visits a database once per `autovacuum_naptime` (1 min), by
 /// which time a busy queue has hundreds of thousands of them (bench/profile.py: 10-12 % of the
-/// worker in `_bt_first`/`_bt_checkpage`). So after `VACUUM_AFTER` deletes, at most once a second,
+/// worker in `_bt_first`/`_bt_checkpage`). So after `VACUUM_AFTER` deletes, at most once a second (small ones: its pause is the commit → Redis lag of the changes behind it),
 /// the worker runs `VACUUM (SKIP_LOCKED)` on the queue: a few milliseconds for a queue that is
 /// mostly dead rows.
 #[derive(Default)]
@@ -203,7 +203,7 @@ struct QueueVacuum {
     last: Option<std::time::Instant>,
 }
 
-const VACUUM_AFTER: u64 = 50_000;
+const VACUUM_AFTER: u64 = 10_000;
 
 impl QueueVacuum {
     fn note(&mut self, deleted: u64) {

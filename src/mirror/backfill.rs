@@ -103,7 +103,26 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         return Ok((0, false));
     }
     let mut queued = 0i64;
-    if next < total && m.action == "write" {
+    if next < total && m.action == "write" && only_builtin_rendering(&m)? {
+        // Only PostgreSQL's own code renders these rows (no filter, built-in types, no row
+        // security): one INSERT ... SELECT as the extension's owner, without copying the rows
+        // through this process (as capture does for such mirrors).
+        let sql = format!(
+            "INSERT INTO redis_internal.queue (mirror_id, op, key, payload) \
+             SELECT $1, 's', {}, {} FROM ONLY {} r \
+              WHERE r.ctid >= '({next},0)'::tid AND r.ctid < '({end},0)'::tid FOR SHARE OF r",
+            m.key_sql()?,
+            m.payload_sql(),
+            table_sql
+        );
+        let table = m.table_name();
+        queued = as_role(ext_owner(), true, || {
+            with_render_settings(|| {
+                Spi::connect_mut(|c| c.update(&sql, None, &[m.id.into()]).map(|t| t.len() as i64))
+            })
+        })
+        .map_err(|e| Error::Internal(format!("backfill of {table}: {e}")))?;
+    } else if next < total && m.action == "write" {
         let sql = format!(
             "SELECT {}, {}, {} FROM ONLY {} r WHERE r.ctid >= '({next},0)'::tid AND r.ctid < '({end},0)'::tid FOR SHARE OF r",
             m.key_sql()?,
@@ -178,6 +197,20 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
     })?;
     crate::delivery::wake_at_commit();
     Ok((queued, done))
+}
+
+/// No filter, built-in column types only and no row security: rendering runs no user code and
+/// reads what the extension's owner reads.
+fn only_builtin_rendering(m: &catalog::Mirror) -> Result<bool> {
+    if m.filter.is_some() || !m.builtin_types {
+        return Ok(false);
+    }
+    let rls = crate::spi_read::one::<bool>(
+        "SELECT relrowsecurity FROM pg_catalog.pg_class WHERE oid = $1",
+        &[m.tbl.into()],
+    )
+    .map_err(spi_err)?;
+    Ok(rls == Some(false))
 }
 
 pub fn qualified(relid: pg_sys::Oid) -> Result<String> {
