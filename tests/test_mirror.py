@@ -589,6 +589,23 @@ def test_interval_and_time_renderings_independent_of_session_settings(m):
     m.equal("mx_types2")
 
 
+def test_rendering_of_date_time_keys_and_values_independent_of_session_settings(m):
+    """Capture sets only the rendering settings a mirror's columns depend on (a timestamptz key
+    needs DateStyle and TimeZone, an interval IntervalStyle, a real extra_float_digits, ...): a
+    writer with every one of them different still produces the documented keys and JSON."""
+    m.table("mx_types4", "at timestamptz PRIMARY KEY, d date, ts timestamp, iv interval, tm time, "
+                         "f4 real, by bytea, n numeric")
+    m.conn.execute("SELECT redis_mirror('mx_types4')")
+    with m.connect() as c:
+        c.execute(ODD_SETTINGS + "; SET IntervalStyle = 'sql_standard'")
+        c.execute("INSERT INTO mx_types4 VALUES ('2024-01-01 08:00:00+00', '2024-01-31', "
+                  "'2024-01-31 23:59:59.5', '1 day 02:03:04.5', '13:14:15', 1.0/3, '\\x00ff', 1.5)")
+        c.execute("UPDATE mx_types4 SET iv = iv * 2, f4 = 2.0/3")
+    wait_until(lambda: m.rc.exists("mx_types4:2024-01-01 08:00:00+00"), 5,
+               what=f"the key rendered as documented (have {sorted(m.rc.keys('mx_types4:*'))})")
+    m.equal("mx_types4", key_sql="'mx_types4:' || at::text")
+
+
 def test_updates_render_with_the_documented_settings_too(m):
     m.table("mx_types3", "id int PRIMARY KEY, tz timestamptz, f8 float8, by bytea",
             "VALUES (1, '2024-01-01 00:00:00+00', 0, '\\x00')")

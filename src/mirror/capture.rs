@@ -14,7 +14,7 @@
 //! delete) each new row's key; TRUNCATE → delete every key of the layout.
 
 use super::catalog::{self, Mirror};
-use super::context::{as_role, ext_owner, with_render_settings};
+use super::context::{as_role, ext_owner, with_render_settings, with_some_render_settings};
 use crate::error::{Error, OrRaise};
 type Res<T> = std::result::Result<T, Error>;
 use pgrx::pg_sys;
@@ -527,7 +527,7 @@ fn queue_with(
     td: *mut pg_sys::TriggerData,
     f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> pgrx::spi::SpiResult<QueuedIds>,
 ) -> Res<i64> {
-    let (lo, hi, n) = with_render_settings(|| {
+    let (lo, hi, n) = with_some_render_settings(&m.render_settings, || {
         Spi::connect_mut(|c| {
             unsafe { pg_sys::SPI_register_trigger_data(td) };
             f(c)

@@ -33,6 +33,8 @@ pub struct Mirror {
     /// Every column's SQL type (format_type), by name: read-through turns key values into the
     /// column's own text rendering with them.
     pub column_types: Vec<(String, String)>,
+    /// What capture's rendering depends on (needed_render_settings), worked out once.
+    pub render_settings: Vec<(&'static str, &'static str)>,
 }
 
 const COLS: &str =
@@ -74,6 +76,11 @@ fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Mirror> {
             let types = row.get::<Vec<String>>(17).map_err(e)?.unwrap_or_default();
             names.into_iter().zip(types).collect()
         },
+        render_settings: vec![],
+    })
+    .map(|mut m| {
+        m.render_settings = m.needed_render_settings();
+        m
     })
 }
 
@@ -221,6 +228,70 @@ impl Mirror {
             Some(f) => format!("coalesce(({f}\n), false)"),
             None => "true".into(),
         }
+    }
+
+    /// The rendering settings (context::RENDER_SETTINGS) capture needs for this mirror: what its
+    /// columns' output depends on. A key renders columns through their text output, the row
+    /// through JSON (ISO dates whatever DateStyle). A filter or a user-defined type may depend on
+    /// anything: then all of them.
+    fn needed_render_settings(&self) -> Vec<(&'static str, &'static str)> {
+        use super::context::RENDER_SETTINGS;
+        if self.filter.is_some() || !self.builtin_types {
+            return RENDER_SETTINGS.to_vec();
+        }
+        let keys: Vec<String> = self
+            .parts()
+            .map(|p| {
+                super::template::columns(&p)
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut needed: Vec<&str> = vec!["search_path", "standard_conforming_strings"];
+        for (name, ty) in &self.column_types {
+            let in_key = keys.iter().any(|k| k == name);
+            // format_type's spelling: drop "(n)" and the zone suffix, e.g.
+            // "timestamp(3) with time zone" -> "timestamp".
+            let mut plain = String::new();
+            let mut depth = 0;
+            for ch in ty.chars() {
+                match ch {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ if depth == 0 => plain.push(ch),
+                    _ => {}
+                }
+            }
+            let zoned = plain.ends_with(" with time zone");
+            let base = plain
+                .trim_end_matches(" with time zone")
+                .trim_end_matches(" without time zone")
+                .trim();
+            match base {
+                "smallint" | "integer" | "bigint" | "numeric" | "text" | "character varying"
+                | "character" | "boolean" | "uuid" | "json" | "jsonb" | "name" | "oid"
+                | "\"char\"" | "inet" | "cidr" | "macaddr" | "macaddr8" => {}
+                "real" | "double precision" => needed.push("extra_float_digits"),
+                "bytea" => needed.push("bytea_output"),
+                "interval" => needed.push("IntervalStyle"),
+                "timestamp" | "date" | "time" => {
+                    if zoned && base == "timestamp" {
+                        needed.push("TimeZone");
+                    }
+                    if in_key || base == "time" {
+                        needed.push("DateStyle");
+                        needed.push("TimeZone");
+                    }
+                }
+                _ => return RENDER_SETTINGS.to_vec(),
+            }
+        }
+        RENDER_SETTINGS
+            .iter()
+            .copied()
+            .filter(|(n, _)| needed.contains(n))
+            .collect()
     }
 
     /// The json/jsonb columns, whose hash fields hold JSON text.

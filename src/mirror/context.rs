@@ -58,7 +58,7 @@ fn as_role_only<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -
     r
 }
 
-const RENDER_SETTINGS: [(&str, &str); 7] = [
+pub const RENDER_SETTINGS: [(&str, &str); 7] = [
     ("TimeZone", "UTC"),
     ("DateStyle", "ISO, YMD"),
     ("IntervalStyle", "postgres"),
@@ -98,6 +98,22 @@ pub fn adopt_internal_settings() {
     }
 }
 
+/// `with_render_settings` limited to the settings given (a subset of RENDER_SETTINGS that a
+/// mirror's rendering depends on, Mirror::render_settings).
+pub fn with_some_render_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+    with_settings(settings, f)
+}
+
+/// A session time zone of fixed offset zero (UTC, Etc/UTC, GMT, ...) renders as 'UTC' does.
+fn utc_already() -> bool {
+    let mut offset: std::ffi::c_long = 1;
+    unsafe {
+        !pg_sys::session_timezone.is_null()
+            && pg_sys::pg_get_timezone_offset(pg_sys::session_timezone, &mut offset)
+            && offset == 0
+    }
+}
+
 /// Run `f` with the settings given (session-local, undone afterwards and on error).
 fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
     let nest = unsafe { pg_sys::NewGUCNestLevel() };
@@ -108,6 +124,9 @@ fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
         );
         // Most sessions already have most of these: setting a GUC is not free (search_path
         // also makes the next name lookup recompute the path), so only what differs is set.
+        if name == "TimeZone" && value == "UTC" && utc_already() {
+            continue;
+        }
         let current = unsafe { pg_sys::GetConfigOption(n.as_ptr(), true, false) };
         if !current.is_null() && unsafe { std::ffi::CStr::from_ptr(current) } == v.as_c_str() {
             continue;
