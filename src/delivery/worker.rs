@@ -236,6 +236,16 @@ fn vacuum_queue() {
     let ran = PgTryBuilder::new(|| unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
+        // A VACUUM that skips a locked table says so with a WARNING: look first, quietly
+        // (autovacuum may be at it), and leave the table to whoever has it.
+        let nsp = pg_sys::get_namespace_oid(c"redis_internal".as_ptr(), true);
+        let queue = pg_sys::get_relname_relid(c"queue".as_ptr(), nsp);
+        if queue == pg_sys::InvalidOid
+            || !pg_sys::ConditionalLockRelationOid(queue, pg_sys::ShareUpdateExclusiveLock as i32)
+        {
+            pg_sys::CommitTransactionCommand();
+            return false;
+        }
         pg_sys::MemoryContextSwitchTo(statement);
         let parsed = pg_sys::raw_parser(SQL.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         // One statement: the first cell of the parse list.
