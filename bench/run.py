@@ -965,15 +965,19 @@ LIMITS: dict = {
               "worker's transaction and the pipeline's round trip.",
     "P4 p99": "as P4 p50; the tail follows batches that wait for the previous one's flush and round trip.",
     "P8": "the extra time is one worker round: woken by the latch, it starts a transaction, reads the "
-          "batch, flushes the WAL (an fdatasync: with `synchronous_commit = off` the commit itself did not), "
-          "pipelines to Redis and commits before it sets the waiting backend's latch; P8s "
-          "(`synchronous_commit = on`, the commit already flushed) shows the cost without that fdatasync.",
+          "batch, flushes the WAL (an fdatasync: with `synchronous_commit = off` the commit itself "
+          "did not), pipelines to Redis and commits before it sets the waiting backend's latch; P8s "
+          "(`synchronous_commit = on`, the commit already flushed) shows the cost without that "
+          "fdatasync. The pairs spread widely with the disk's fdatasync (P8: +1.07 to +1.33 ms in "
+          "this run, +0.81 ms in the second session's).",
     "P5": "each call is one round trip on the backend's own socket (third session: the main thread "
-          "writes the command and waits on its latch and the socket, no I/O-thread hand-off; 0.13 → ~0.26). "
-          "What is left is the round trip itself: Redis alone with two clients (the P5 ceiling row, no "
-          "PostgreSQL) answers fewer GETs per second than PostgreSQL answers PK lookups here, so no reader "
-          "that makes one round trip per call reaches 0.8 on these two cores; perf shows ~38 % of the "
-          "backend in the kernel's task switch while it waits for Redis.",
+          "writes the command and waits on its latch and the socket, no I/O-thread hand-off; 0.13 → "
+          "0.20 in this run, whose baseline was faster too). What is left is the round trip itself: "
+          "Redis alone with two non-pipelining clients (the P5 ceiling row: `redis-benchmark`, no "
+          "PostgreSQL) answered about as many GETs per second as `redis_get` did, far fewer than "
+          "PostgreSQL answers PK lookups here, so no reader that makes one round trip per call "
+          "reaches 0.8 on these two cores; perf shows ~38 % of the backend in the kernel's task "
+          "switch while it waits for Redis.",
     "P6": "as P5 (one round trip on the backend's own socket; the hit path reads no catalog), then the "
           "JSON is parsed into the jsonb result.",
     "P7": "the backfill goes through the queue (so that it stays ordered with concurrent changes): for a "

@@ -118,18 +118,8 @@ pub fn hash_slot(key: &[u8]) -> u16 {
 }
 
 fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for b in data {
-        crc ^= u16::from(*b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    // The crc16 crate is the one redis-rs routes cluster commands with.
+    crc16::State::<crc16::XMODEM>::calculate(data)
 }
 
 /// A short hash tag for each slot: the first of "0", "1", "2", ... that hashes to it. Built
