@@ -189,9 +189,11 @@ pub fn serve_waiters() {
             .collect()
     };
     for (slot, pid, xid, lo, hi) in waiting {
-        // A writable SPI call takes a fresh snapshot, which sees the waiter's committed rows.
+        // A writable SPI call takes a fresh snapshot, which sees the waiter's committed rows;
+        // a kept plan, as a commit-mode COMMIT waits for this after every batch.
         let r = Spi::connect_mut(|c| {
-            let t = c.update(
+            let t = crate::plans::update(
+                c,
                 "SELECT count(*), coalesce(max(attempts), 0) FROM redis_internal.queue \
                   WHERE id BETWEEN $1 AND $2 AND xid = $3::text::xid8",
                 Some(1),
