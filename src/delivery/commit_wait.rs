@@ -179,6 +179,13 @@ pub fn set_latch_of(pid: i32) {
 }
 
 /// Worker side: settle the waiters of this database whose rows are gone or have failed.
+/// Does a commit-mode COMMIT of this database wait for the worker?
+pub fn anyone_waiting() -> bool {
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let w = WAITING_COMMITS.share();
+    (0..WAITERS).any(|i| w.state[i] == WAITING && w.db[i] == db)
+}
+
 pub fn serve_waiters() {
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let waiting: Vec<(usize, i32, u64, i64, i64)> = {

@@ -137,6 +137,9 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         };
         if vacuum.due() {
             vacuum_queue();
+            // A wait inside VACUUM (a buffer cleanup lock) resets the latch: a commit's wake-up
+            // may have been swallowed, so look again at once.
+            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
         }
         match step {
             Step::Busy => {
@@ -146,7 +149,15 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
             }
             Step::Idle | Step::NotInstalled => {
                 backoff = Duration::from_millis(100);
-                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                // PostgreSQL's own waits (a heavyweight or buffer cleanup lock) reset the latch
+                // and can swallow a commit's wake-up: while a commit-mode COMMIT waits, look
+                // every 10 ms rather than leave it waiting up to a second.
+                let nap = if super::commit_wait::anyone_waiting() {
+                    Duration::from_millis(10)
+                } else {
+                    Duration::from_secs(1)
+                };
+                if !BackgroundWorker::wait_latch(Some(nap)) {
                     break;
                 }
             }
