@@ -966,10 +966,13 @@ LIMITS: dict = {
     "P4 p99": "as P4 p50; the tail follows batches that wait for the previous one's flush and round trip.",
     "P8": "the extra time is one worker round: woken by the latch, it starts a transaction, reads the "
           "batch, flushes the WAL (an fdatasync: with `synchronous_commit = off` the commit itself "
-          "did not), pipelines to Redis and commits before it sets the waiting backend's latch; P8s "
-          "(`synchronous_commit = on`, the commit already flushed) shows the cost without that "
-          "fdatasync. The pairs spread widely with the disk's fdatasync (P8: +1.07 to +1.33 ms in "
-          "this run, +0.81 ms in the second session's).",
+          "did not), pipelines to Redis and checks the waiting COMMIT's ids (a kept plan since this "
+          "session) before it sets the waiting backend's latch; P8s (`synchronous_commit = on`, the "
+          "commit already flushed) shows the cost without that fdatasync. Whole runs fall into two "
+          "groups here (commit mode 0.52-0.58 ms or 1.06-1.07 ms per transaction, in both P8 and "
+          "P8s), which follows where the scheduler puts the worker, the backend, pgbench and Redis on "
+          "the two cores; the fast group is +0.54 ms (P8) and +0.09 ms (P8s), and quick single-pair "
+          "runs gave +0.40 to +0.43 ms and +0.02 to +0.06 ms.",
     "P5": "each call is one round trip on the backend's own socket (third session: the main thread "
           "writes the command and waits on its latch and the socket, no I/O-thread hand-off; 0.13 → "
           "0.20 in this run, whose baseline was faster too). What is left is the round trip itself: "
