@@ -85,10 +85,19 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
             let s = match crate::mirror::validate::in_subtransaction(step) {
                 Ok(s) => s,
                 Err(msg) => {
-                    warning!(
-                        "pg_redis: delivery step failed: {}",
-                        crate::error::redact(&msg)
-                    );
+                    if crate::mirror::validate::last_error_was_lock_timeout() {
+                        // By design (lock_timeout above): DDL holds a table the step needs;
+                        // the step is retried, nothing is wrong.
+                        log!(
+                            "pg_redis: delivery step gave way to a lock held by another session (retried): {}",
+                            crate::error::redact(&msg)
+                        );
+                    } else {
+                        warning!(
+                            "pg_redis: delivery step failed: {}",
+                            crate::error::redact(&msg)
+                        );
+                    }
                     return (Step::Refused, vec![]);
                 }
             };

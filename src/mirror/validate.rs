@@ -244,6 +244,15 @@ pub fn filter(relid: pg_sys::Oid, table: &str, filter: &str) -> Result<()> {
     }
 }
 
+thread_local! {
+    static LOCK_TIMED_OUT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the last ERROR `in_subtransaction` caught was a lock timeout (55P03).
+pub fn last_error_was_lock_timeout() -> bool {
+    LOCK_TIMED_OUT.with(|l| l.replace(false))
+}
+
 /// Run `f` in a subtransaction; an ERROR inside is caught, rolled back, and returned as its
 /// message (the way PL/pgSQL's EXCEPTION blocks do it).
 pub fn in_subtransaction<R>(
@@ -258,7 +267,15 @@ pub fn in_subtransaction<R>(
             .catch_others(|e| {
                 Err(match e {
                     pg_sys::panic::CaughtError::PostgresError(r)
-                    | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+                    | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                        LOCK_TIMED_OUT.with(|l| {
+                            l.set(
+                                r.sql_error_code()
+                                    == pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+                            )
+                        });
+                        r.message().to_string()
+                    }
                     _ => "internal error".to_string(),
                 })
             })
