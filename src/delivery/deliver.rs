@@ -36,18 +36,12 @@ struct Queued {
     op: String,
     key: String,
     payload: Option<String>,
-    format: Option<String>,
-    ttl: Option<i32>,
     age_ms: f64,
-    stream: Option<String>,
-    table: String,
     ev: Option<String>,
     old_key: Option<String>,
     xid: String,
-    /// The key prefix of a sync-mode mirror: its writes carry versions (delivery::versioned).
-    sync_prefix: Option<String>,
-    /// json/jsonb columns of a hash-format mirror: their fields hold JSON text.
-    json_cols: Vec<String>,
+    /// Its mirror's delivery settings (shared by the batch's changes); None: the mirror is gone.
+    mirror: Option<std::rc::Rc<MirrorInfo>>,
     /// Where the row is: delivered rows are deleted by TID (one deliverer at a time, so the
     /// rows cannot move meanwhile), much cheaper than an index probe per id.
     ctid: String,
@@ -59,8 +53,25 @@ struct MirrorInfo {
     ttl: Option<i32>,
     stream: Option<String>,
     table: String,
+    /// The key prefix of a sync-mode mirror: its writes carry versions (delivery::versioned).
     sync_prefix: Option<String>,
+    /// json/jsonb columns of a hash-format mirror: their fields hold JSON text.
     json_cols: Vec<String>,
+}
+
+impl Queued {
+    fn format(&self) -> Option<&str> {
+        self.mirror.as_deref().map(|m| m.format.as_str())
+    }
+    fn ttl(&self) -> Option<i32> {
+        self.mirror.as_deref().and_then(|m| m.ttl)
+    }
+    fn stream(&self) -> Option<&str> {
+        self.mirror.as_deref().and_then(|m| m.stream.as_deref())
+    }
+    fn json_cols(&self) -> &[String] {
+        self.mirror.as_deref().map_or(&[], |m| &m.json_cols)
+    }
 }
 
 type MirrorsById = HashMap<i32, Option<std::rc::Rc<MirrorInfo>>>;
@@ -166,7 +177,6 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         let mut batch = Vec::with_capacity(rows.len());
         for r in rows {
             let mirror_id = r.get::<i32>(2).map_err(spi_err)?.unwrap_or_default();
-            let info = mirror_info(c, mirror_id)?;
             batch.push(Queued {
                 id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default(),
                 mirror_id,
@@ -178,12 +188,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                 old_key: r.get::<String>(8).map_err(spi_err)?,
                 xid: r.get::<String>(9).map_err(spi_err)?.unwrap_or_default(),
                 ctid: r.get::<String>(10).map_err(spi_err)?.unwrap_or_default(),
-                format: info.as_ref().map(|i| i.format.clone()),
-                ttl: info.as_ref().and_then(|i| i.ttl),
-                stream: info.as_ref().and_then(|i| i.stream.clone()),
-                table: info.as_ref().map(|i| i.table.clone()).unwrap_or_default(),
-                sync_prefix: info.as_ref().and_then(|i| i.sync_prefix.clone()),
-                json_cols: info.map(|i| i.json_cols.clone()).unwrap_or_default(),
+                mirror: mirror_info(c, mirror_id)?,
             });
         }
         Ok::<_, Error>(batch)
@@ -301,7 +306,7 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
             let mut ev = vec![];
             event(q, &mut ev);
             if r.is_ok() && !ev.is_empty() {
-                let what = format!("XADD {:?}", q.stream.as_deref().unwrap_or(""));
+                let what = format!("XADD {:?}", q.stream().unwrap_or(""));
                 r = verdict(&call_pipeline(&Call::new(&what), &ev)?);
             }
             results.push(r);
@@ -322,7 +327,8 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
 /// but writes nothing. A sync-mode change whose version has no container (a cluster with a key
 /// prefix that breaks slots) is refused.
 fn build(q: &Queued, cmds: &mut Vec<Cmd>) -> std::result::Result<(), String> {
-    if let (Some(prefix), Some(format), "s" | "d") = (&q.sync_prefix, &q.format, q.op.as_str()) {
+    let sync_prefix = q.mirror.as_deref().and_then(|m| m.sync_prefix.as_deref());
+    if let (Some(prefix), Some(format), "s" | "d") = (sync_prefix, q.format(), q.op.as_str()) {
         let versions =
             super::versioned::container(prefix, q.mirror_id, &q.key).map_err(|e| e.to_string())?;
         cmds.push(super::versioned::command(
@@ -333,19 +339,19 @@ fn build(q: &Queued, cmds: &mut Vec<Cmd>) -> std::result::Result<(), String> {
             q.payload.as_deref(),
             &super::versioned::Shape {
                 format,
-                ttl: q.ttl,
-                json_cols: &q.json_cols,
+                ttl: q.ttl(),
+                json_cols: q.json_cols(),
             },
         ));
         return Ok(());
     }
     key_commands(
         &q.op,
-        q.format.as_deref(),
+        q.format(),
         &q.key,
         q.payload.as_deref(),
-        q.ttl,
-        &q.json_cols,
+        q.ttl(),
+        q.json_cols(),
         cmds,
     );
     Ok(())
@@ -404,7 +410,7 @@ pub fn key_commands(
 
 /// The change event for the mirror's stream (docs/streams.md): XADD with an approximate cap.
 fn event(q: &Queued, cmds: &mut Vec<Cmd>) {
-    let (Some(stream), Some(ev)) = (q.stream.as_deref(), q.ev.as_deref()) else {
+    let (Some(stream), Some(ev)) = (q.stream(), q.ev.as_deref()) else {
         return;
     };
     let op = match ev {
@@ -419,7 +425,8 @@ fn event(q: &Queued, cmds: &mut Vec<Cmd>) {
         .arg("~")
         .arg(crate::settings::stream_maxlen())
         .arg("*");
-    c.arg("op").arg(op).arg("table").arg(&q.table);
+    let table = q.mirror.as_deref().map_or("", |m| m.table.as_str());
+    c.arg("op").arg(op).arg("table").arg(table);
     if op != "truncate" {
         c.arg("key").arg(&q.key);
     }

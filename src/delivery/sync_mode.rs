@@ -131,17 +131,22 @@ thread_local! {
     static PREFIXES: std::cell::RefCell<Option<(u64, Vec<String>)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The key prefixes of the sync-mode mirrors: read once per catalog change, not every loop.
-fn sync_prefixes() -> Result<Vec<String>> {
+fn cached_prefixes() -> Option<Vec<String>> {
     let generation = crate::mirror::catalog::generation();
-    if let Some(p) = PREFIXES.with(|p| {
+    PREFIXES.with(|p| {
         p.borrow()
             .as_ref()
             .filter(|(g, _)| *g == generation)
             .map(|(_, v)| v.clone())
-    }) {
+    })
+}
+
+/// The key prefixes of the sync-mode mirrors: read once per catalog change, not every loop.
+fn sync_prefixes() -> Result<Vec<String>> {
+    if let Some(p) = cached_prefixes() {
         return Ok(p);
     }
+    let generation = crate::mirror::catalog::generation();
     let prefixes: Vec<String> = as_role(ext_owner(), false, || {
         Spi::connect(|c| {
             let t = crate::plans::select(
@@ -163,14 +168,8 @@ fn sync_prefixes() -> Result<Vec<String>> {
 /// Whether any mirror is in sync mode (the worker skips the repair pass otherwise). In doubt
 /// (the catalog could not be read), yes.
 pub fn any_sync_mirror() -> bool {
-    let generation = crate::mirror::catalog::generation();
-    if let Some(any) = PREFIXES.with(|p| {
-        p.borrow()
-            .as_ref()
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, v)| !v.is_empty())
-    }) {
-        return any;
+    if let Some(p) = cached_prefixes() {
+        return !p.is_empty();
     }
     // Reading the catalog can raise (a lock timeout against a DROP EXTENSION): in a subtransaction.
     match crate::mirror::validate::in_subtransaction(sync_prefixes) {

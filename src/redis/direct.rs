@@ -245,16 +245,13 @@ pub fn run_once(
             Err(e) => {
                 let failure = d.io.failure.unwrap_or(Failure::Other);
                 let received = d.io.received;
-                let ms =
-                    d.io.deadline
-                        .map(|_| timeout.unwrap_or_default().as_millis());
                 if let Some(d) = slot.take() {
                     d.retire();
                 }
                 Err(match failure {
                     Failure::TimedOut => Attempt::Failed(Error::Timeout {
                         what: c.what.to_string(),
-                        ms: ms.unwrap_or(0),
+                        ms: timeout.map_or(0, |t| t.as_millis()),
                     }),
                     // A kept connection the server had closed before it answered anything.
                     Failure::Closed if !connecting && received == 0 => Attempt::Stale(lost(c, &e)),
