@@ -138,7 +138,9 @@ pub struct Outcome {
 /// Deliver up to `max` changes. `wait_for_lock`: block for the delivery lock (drain) or give up
 /// at once when another deliverer holds it (worker). Must run inside a transaction.
 pub fn deliver_batch(max: usize, wait_for_lock: bool) -> Result<Outcome> {
-    as_role(ext_owner(), false, || deliver_inner(max, wait_for_lock))
+    crate::mirror::context::with_delivery_settings(|| {
+        as_role(ext_owner(), false, || deliver_inner(max, wait_for_lock))
+    })
 }
 
 fn spi_err(e: pgrx::spi::SpiError) -> Error {
@@ -161,21 +163,88 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
     if !locked {
         return Ok(Outcome::default());
     }
-    let batch: Vec<Queued> = Spi::connect(|c| {
+    let mut batch = read_batch(max, None)?.unwrap_or_default();
+    let mut total = Outcome::default();
+    let mut rounds = 0;
+    while !batch.is_empty() {
+        // Durability: nothing whose commit record could still be lost in a crash goes out.
+        let upto = flush_wal();
+        // Nor anything a standby named in pg_redis.standby_names does not have yet.
+        if !standbys_have(upto)? {
+            total.claimed += batch.len();
+            total.waiting_for_standby = true;
+            break;
+        }
+        rounds += 1;
+        // A full batch means a backlog: while Redis works on this one, read the next one.
+        let mut next: Option<Result<Option<Vec<Queued>>>> = None;
+        let results = if batch.len() >= max && rounds < MAX_ROUNDS {
+            let after = (
+                batch.first().map_or(0, |q| q.id),
+                batch.last().map_or(0, |q| q.id),
+                batch.len() as i64,
+            );
+            let slot = &mut next;
+            let mut meanwhile: crate::redis::Meanwhile =
+                Some(Box::new(move || *slot = Some(read_batch(max, Some(after)))));
+            send(&batch, &mut meanwhile)?
+        } else {
+            send(&batch, &mut None)?
+        };
+        let o = settle(&batch, results)?;
+        total.claimed += o.claimed;
+        total.delivered += o.delivered;
+        total.failed += o.failed;
+        if o.failed > 0 {
+            break; // the failures are retried first, from the head of the queue
+        }
+        batch = next.transpose()?.flatten().unwrap_or_default();
+    }
+    Ok(total)
+}
+
+/// Batches one delivery step sends at most (one transaction: its deletes, and the commit-mode
+/// COMMITs waiting for them, become visible when it commits).
+const MAX_ROUNDS: usize = 4;
+
+/// The oldest `max` queued changes, in id order; `after` (first id, last id, count): read while
+/// that batch is still in the queue, being sent — the changes after it. None then when a change
+/// with a smaller id than its last committed since that batch was read (the queue's first id is
+/// smaller than the batch's, or its range holds more): a later change of that key could be in
+/// the new batch, and must not go out before it; the next step reads from the head again.
+fn read_batch(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<Vec<Queued>>> {
+    const COLS: &str = "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, \
+                    pg_catalog.date_part('epoch', clock_timestamp() - q.queued_at) * 1000, \
+                    q.ev::text, q.old_key, q.xid::text, q.ctid::text";
+    Spi::connect(|c| {
         // The queue alone, in id order: a plan this simple starts fast, and the mirrors'
         // settings come from the worker's own cache (mirror_info).
-        let rows = crate::plans::select(
-            c,
-            "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, \
-                    extract(epoch FROM clock_timestamp() - q.queued_at)::float8 * 1000, \
-                    q.ev::text, q.old_key, q.xid::text, q.ctid::text \
-               FROM redis_internal.queue q ORDER BY q.id LIMIT $1",
-            None,
-            &[(max as i64).into()],
-        )
+        let rows = match after {
+            None => crate::plans::select(
+                c,
+                &format!("{COLS}, NULL::int8 FROM redis_internal.queue q ORDER BY q.id LIMIT $1"),
+                None,
+                &[(max as i64).into()],
+            ),
+            Some((first, last, _)) => crate::plans::select(
+                c,
+                &format!(
+                    "{COLS}, CASE WHEN (SELECT min(h.id) FROM redis_internal.queue h) >= $3 \
+                                  THEN (SELECT count(*) FROM redis_internal.queue h WHERE h.id BETWEEN $3 AND $2) END \
+                       FROM redis_internal.queue q WHERE q.id > $2 ORDER BY q.id LIMIT $1"
+                ),
+                None,
+                &[(max as i64).into(), last.into(), first.into()],
+            ),
+        }
         .map_err(spi_err)?;
         let mut batch = Vec::with_capacity(rows.len());
         for r in rows {
+            if let Some((_, _, held)) = after {
+                if batch.is_empty() && r.get::<i64>(11).map_err(spi_err)? != Some(held) {
+                    return Ok(None);
+                }
+            }
             let mirror_id = r.get::<i32>(2).map_err(spi_err)?.unwrap_or_default();
             batch.push(Queued {
                 id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default(),
@@ -191,24 +260,63 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
                 mirror: mirror_info(c, mirror_id)?,
             });
         }
-        Ok::<_, Error>(batch)
-    })?;
-    if batch.is_empty() {
-        return Ok(Outcome::default());
-    }
-    // Durability: nothing whose commit record could still be lost in a crash goes out.
-    let upto = flush_wal();
-    // Nor anything a standby named in pg_redis.standby_names does not have yet.
-    if !standbys_have(upto)? {
-        return Ok(Outcome {
-            claimed: batch.len(),
-            waiting_for_standby: true,
-            ..Outcome::default()
-        });
-    }
+        Ok(Some(batch))
+    })
+}
 
-    let results = send(&batch)?;
-    settle(&batch, results)
+/// Send rows a backfill read straight to Redis (each a write of its key), in one pipeline, as
+/// queued writes would be; the caller holds the delivery lock and read the rows after taking it.
+/// One verdict per row. Nothing goes out whose commit record (or a standby of
+/// pg_redis.standby_names) could still lack: None then, and nothing was sent.
+pub fn send_rows(
+    mirror_id: i32,
+    rows: &[(String, Option<String>)],
+) -> Result<Option<Vec<std::result::Result<(), String>>>> {
+    let Some(info) = Spi::connect(|c| mirror_info(c, mirror_id))? else {
+        return Ok(Some(vec![Ok(()); rows.len()])); // the mirror is gone: nothing to write
+    };
+    if info.sync_prefix.is_some() {
+        return Ok(None); // sync-mode writes carry queue ids as versions: through the queue
+    }
+    let upto = flush_wal();
+    if !standbys_have(upto)? {
+        return Ok(None);
+    }
+    let mut cmds = Vec::with_capacity(rows.len());
+    let mut counts = Vec::with_capacity(rows.len());
+    for (key, payload) in rows {
+        let before = cmds.len();
+        key_commands(
+            "s",
+            Some(info.format.as_str()),
+            key,
+            payload.as_deref(),
+            info.ttl,
+            &info.json_cols,
+            &mut cmds,
+        );
+        counts.push(cmds.len() - before);
+    }
+    let what = format!("backfilling {} rows of {}", rows.len(), info.table);
+    let replies = call_pipeline(&Call::new(&what), &cmds)?;
+    let mut it = replies.into_iter();
+    Ok(Some(
+        counts
+            .into_iter()
+            .map(|n| verdict(&it.by_ref().take(n).collect::<Vec<_>>()))
+            .collect(),
+    ))
+}
+
+/// Count changes delivered outside the queue (a direct backfill step) in redis_stats.
+pub fn count_delivered(mirror_id: i32, n: i64) -> Result<()> {
+    crate::plans::run(
+        "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, delivered) \
+         SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = $1) \
+         ON CONFLICT (mirror_id) DO UPDATE SET delivered = s.delivered + $2",
+        &[mirror_id.into(), n.into()],
+    )
+    .map_err(spi_err)
 }
 
 /// Flush the WAL up to everything inserted so far. The insert position points past the page
@@ -270,14 +378,18 @@ fn standbys_have(upto: u64) -> Result<bool> {
 
 /// Send the batch; one result per change (Ok, or Redis' error reply). Keyspace-wide deletes
 /// ('t') split the batch: what precedes them is sent first, then the layout is scanned.
-fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
+fn send(
+    batch: &[Queued],
+    meanwhile: &mut crate::redis::Meanwhile,
+) -> Result<Vec<std::result::Result<(), String>>> {
     let mut results = Vec::with_capacity(batch.len());
     // Per change: the number of commands it sent, or why it could not be sent.
     let mut pending: Vec<std::result::Result<usize, String>> = vec![];
     let mut cmds: Vec<Cmd> = vec![];
     let flush = |cmds: &mut Vec<Cmd>,
                  pending: &mut Vec<std::result::Result<usize, String>>,
-                 results: &mut Vec<std::result::Result<(), String>>|
+                 results: &mut Vec<std::result::Result<(), String>>,
+                 meanwhile: &mut crate::redis::Meanwhile|
      -> Result<()> {
         if cmds.is_empty() {
             // Changes with nothing to send (their mirror is gone) are done all the same.
@@ -285,7 +397,7 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
             return Ok(());
         }
         let what = format!("delivering {} queued changes", pending.len());
-        let replies = call_pipeline(&Call::new(&what), cmds)?;
+        let replies = crate::redis::call_pipeline_then(&Call::new(&what), cmds, meanwhile)?;
         let mut it = replies.into_iter();
         for n in pending.drain(..) {
             results.push(n.and_then(|n| {
@@ -298,7 +410,7 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
     };
     for q in batch {
         if q.op == "t" {
-            flush(&mut cmds, &mut pending, &mut results)?;
+            flush(&mut cmds, &mut pending, &mut results, &mut None)?;
             let mut r = match purge_pattern(&q.key) {
                 Err(e) if e.is_connection() => return Err(e),
                 r => r.map(|_| ()).map_err(|e| e.to_string()),
@@ -319,7 +431,8 @@ fn send(batch: &[Queued]) -> Result<Vec<std::result::Result<(), String>>> {
         }
         pending.push(built.map(|_| cmds.len() - before));
     }
-    flush(&mut cmds, &mut pending, &mut results)?;
+    // The last pipeline carries the work to do meanwhile (a batch ending in a TRUNCATE: none).
+    flush(&mut cmds, &mut pending, &mut results, meanwhile)?;
     Ok(results)
 }
 

@@ -13,6 +13,9 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 const BLOCKS_PER_STEP: i64 = 32;
+/// Blocks per step sent straight to Redis (direct_step): no row locks or queue rows, so a step
+/// can be larger; its rows are held in memory for one pipeline (about 1 MB of table).
+const DIRECT_BLOCKS_PER_STEP: i64 = 128;
 
 fn spi_err(e: pgrx::spi::SpiError) -> Error {
     Error::Internal(format!("backfill: {e}"))
@@ -103,7 +106,21 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         return Ok((0, false));
     }
     let mut queued = 0i64;
-    if next < total && m.action == "write" && only_builtin_rendering(&m)? {
+    let builtin = next < total && m.action == "write" && only_builtin_rendering(&m)?;
+    let mut end = end;
+    let direct = if builtin && m.mode != "sync" {
+        let direct_end = (next + DIRECT_BLOCKS_PER_STEP).min(total.max(next + 1));
+        let sent = direct_step(&m, &table_sql, next, direct_end)?;
+        if sent.is_some() {
+            end = direct_end;
+        }
+        sent
+    } else {
+        None
+    };
+    if let Some(sent) = direct {
+        queued = sent;
+    } else if builtin {
         // Only PostgreSQL's own code renders these rows (no filter, built-in types, no row
         // security): one INSERT ... SELECT as the extension's owner, without copying the rows
         // through this process (as capture does for such mirrors).
@@ -197,6 +214,70 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
     })?;
     crate::delivery::wake_at_commit();
     Ok((queued, done))
+}
+
+/// A step of a filterless queue- or commit-mode mirror of built-in types, straight to Redis
+/// (no queue rows, no row locks): the rows of blocks [next, end) are read in one statement and
+/// snapshot, after taking the delivery lock, leaving out every key that has a change waiting in
+/// the queue in that snapshot — that change, and every later one, is delivered after this step
+/// in queue order, so Redis never goes back to an older value of a key. Changes committed after
+/// the snapshot are queued after everything it saw. Some(rows sent), or None when the step must
+/// go through the queue instead: another deliverer holds the lock, a keyspace-wide delete
+/// (TRUNCATE, re-key) of the mirror waits in the queue, a standby lags, or Redis refused a row
+/// (the queue counts attempts and keeps dead letters).
+fn direct_step(m: &Mirror, table_sql: &str, next: i64, end: i64) -> Result<Option<i64>> {
+    let locked = crate::spi_read::one::<bool>(
+        "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
+        &[crate::delivery::deliver::DELIVERY_LOCK.into()],
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    if !locked {
+        return Ok(None);
+    }
+    let sql = format!(
+        "WITH waiting AS MATERIALIZED (SELECT q.key, q.op FROM redis_internal.queue q WHERE q.mirror_id = $1) \
+         SELECT r.k, r.p, EXISTS (SELECT 1 FROM waiting w WHERE w.op = 't') \
+           FROM (SELECT {} AS k, {} AS p FROM ONLY {} r \
+                  WHERE r.ctid >= '({next},0)'::tid AND r.ctid < '({end},0)'::tid) r \
+          WHERE NOT EXISTS (SELECT 1 FROM waiting w WHERE w.key = r.k)",
+        m.key_sql()?,
+        m.payload_sql(),
+        table_sql
+    );
+    let table = m.table_name();
+    let (rows, purge_waiting) = as_role(ext_owner(), true, || {
+        with_render_settings(|| {
+            Spi::connect(|c| {
+                let t = c.select(&sql, None, &[m.id.into()])?;
+                let mut rows = Vec::with_capacity(t.len());
+                let mut purge = false;
+                for r in t {
+                    rows.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?));
+                    purge |= r.get::<bool>(3)?.unwrap_or(false);
+                }
+                Ok::<_, pgrx::spi::SpiError>((rows, purge))
+            })
+        })
+    })
+    .map_err(|e| Error::Internal(format!("backfill of {table}: {e}")))?;
+    if purge_waiting {
+        return Ok(None);
+    }
+    if rows.is_empty() {
+        return Ok(Some(0));
+    }
+    let Some(verdicts) = crate::delivery::deliver::send_rows(m.id, &rows)? else {
+        return Ok(None);
+    };
+    if verdicts.iter().any(|v| v.is_err()) {
+        return Ok(None);
+    }
+    let n = rows.len() as i64;
+    as_role(ext_owner(), false, || {
+        crate::delivery::deliver::count_delivered(m.id, n)
+    })?;
+    Ok(Some(n))
 }
 
 /// No filter, built-in column types only and no row security: rendering runs no user code and

@@ -74,11 +74,27 @@ pub fn with_render_settings<R>(f: impl FnOnce() -> R) -> R {
     with_settings(&RENDER_SETTINGS, f)
 }
 
+/// Delivery's statements run with generic plans only: a custom plan is made for the queue's size
+/// as last vacuumed, and the DELETE of a delivered batch by TID planned for a queue vacuumed
+/// empty (while a backlog of a million rows has been queued since) became a sequential scan that
+/// compared every row with every TID of the batch: a drain stalled for minutes (bench P3). The
+/// generic plans (a TID scan, the id index) do not depend on the queue's size.
+pub const DELIVERY_SETTINGS: [(&str, &str); 1] = [("plan_cache_mode", "force_generic_plan")];
+
+/// Run `f` with DELIVERY_SETTINGS.
+pub fn with_delivery_settings<R>(f: impl FnOnce() -> R) -> R {
+    with_settings(&DELIVERY_SETTINGS, f)
+}
+
 /// The worker runs only internal SQL: it makes the render and safe settings its session's own
 /// once, so that `as_role` and `with_render_settings` find nothing to change on every batch.
 /// Inside a transaction.
 pub fn adopt_internal_settings() {
-    for (name, value) in RENDER_SETTINGS.iter().chain(SAFE_SETTINGS.iter()) {
+    for (name, value) in RENDER_SETTINGS
+        .iter()
+        .chain(SAFE_SETTINGS.iter())
+        .chain(DELIVERY_SETTINGS.iter())
+    {
         let (n, v) = (
             CString::new(*name).unwrap_or_default(),
             CString::new(*value).unwrap_or_default(),

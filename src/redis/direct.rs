@@ -207,6 +207,7 @@ pub fn run_once(
     req: &Request,
     target: &Target,
     timeout: Option<Duration>,
+    meanwhile: &mut link::Meanwhile,
 ) -> std::result::Result<Vec<Value>, Attempt> {
     DIRECT.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -231,7 +232,7 @@ pub fn run_once(
         d.io.deadline = timeout.map(|t| Instant::now() + t);
         d.io.received = 0;
         d.io.failure = None;
-        let result = exchange(d, req);
+        let result = exchange(d, req, meanwhile);
         let latch_was_set = std::mem::take(&mut d.io.latch_was_set);
         if latch_was_set {
             // Maybe someone's wake-up call (a commit waking the worker): leave it set.
@@ -270,7 +271,11 @@ fn lost(c: &Call, e: &redis::RedisError) -> Error {
 }
 
 /// Send the request's commands in one write and read one reply per command.
-fn exchange(d: &mut Direct, req: &Request) -> redis::RedisResult<Vec<Value>> {
+fn exchange(
+    d: &mut Direct,
+    req: &Request,
+    meanwhile: &mut link::Meanwhile,
+) -> redis::RedisResult<Vec<Value>> {
     let cmds: &[Cmd] = match req {
         Request::Cmds(cmds) => cmds,
         Request::OnNode(_, cmd) => std::slice::from_ref(cmd),
@@ -281,6 +286,9 @@ fn exchange(d: &mut Direct, req: &Request) -> redis::RedisResult<Vec<Value>> {
         cmd.write_packed_command(&mut packed);
     }
     d.io.send_all(&packed)?;
+    if let Some(f) = meanwhile.take() {
+        f();
+    }
     let mut values = Vec::with_capacity(cmds.len());
     while values.len() < cmds.len() {
         match d.parser.parse_value(&mut d.io)? {
@@ -343,7 +351,7 @@ fn connect(
         clients: vec![],
         in_doubt: true,
     };
-    let replies = exchange(&mut d, &Request::Cmds(setup)).map_err(|e| {
+    let replies = exchange(&mut d, &Request::Cmds(setup), &mut None).map_err(|e| {
         if d.io.failure == Some(Failure::TimedOut) {
             Attempt::Failed(Error::Timeout {
                 what: c.what.to_string(),

@@ -104,7 +104,7 @@ fn check_sizes(c: &Call, cmd: &Cmd) -> Result<()> {
 /// In a cluster it is routed by its key; multi-key DEL/MGET/... are split per node.
 pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
     check_sizes(c, cmd)?;
-    let mut v = run(c, Request::Cmds(vec![cmd.clone()]))?;
+    let mut v = run(c, Request::Cmds(vec![cmd.clone()]), &mut None)?;
     Ok(v.pop().unwrap_or(Value::Nil))
 }
 
@@ -114,15 +114,28 @@ pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
     if cmds.is_empty() {
         return Ok(vec![]);
     }
+    call_pipeline_then(c, cmds, &mut None)
+}
+
+/// Work to do while Redis runs a pipeline: after the commands are written, before the replies
+/// are read (the worker reads its next batch meanwhile). Runs at most once, even when a stale
+/// connection makes the pipeline go out twice.
+pub type Meanwhile<'a> = Option<Box<dyn FnOnce() + 'a>>;
+
+/// `call_pipeline`, running `meanwhile` while Redis works.
+pub fn call_pipeline_then(c: &Call, cmds: &[Cmd], meanwhile: &mut Meanwhile) -> Result<Vec<Value>> {
+    if cmds.is_empty() {
+        return Ok(vec![]);
+    }
     for cmd in cmds {
         check_sizes(c, cmd)?;
     }
-    run(c, Request::Cmds(cmds.to_vec()))
+    run(c, Request::Cmds(cmds.to_vec()), meanwhile)
 }
 
 /// The masters to visit for keyspace-wide commands (SCAN): one for a single server.
 pub fn masters(c: &Call) -> Result<Vec<String>> {
-    run(c, Request::Masters)?
+    run(c, Request::Masters, &mut None)?
         .into_iter()
         .map(|v| match v {
             Value::BulkString(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
@@ -134,7 +147,7 @@ pub fn masters(c: &Call) -> Result<Vec<String>> {
 /// Run one command on one of `masters()`.
 pub fn on_node(c: &Call, node: &str, cmd: &Cmd) -> Result<Value> {
     check_sizes(c, cmd)?;
-    let mut v = run(c, Request::OnNode(node.to_string(), cmd.clone()))?;
+    let mut v = run(c, Request::OnNode(node.to_string(), cmd.clone()), &mut None)?;
     Ok(v.pop().unwrap_or(Value::Nil))
 }
 
@@ -152,12 +165,12 @@ fn reset_thread_link() {
     });
 }
 
-fn run(c: &Call, req: Request) -> Result<Vec<Value>> {
+fn run(c: &Call, req: Request, meanwhile: &mut Meanwhile) -> Result<Vec<Value>> {
     // A kept connection may have been closed by the server since the last call (Redis
     // restarted, CLIENT KILL, idle timeout): then reconnect and send once more. The command
     // cannot have run twice, since the server that closed the connection did not answer it.
-    match run_once(c, req.clone()) {
-        Err(Attempt::Stale(_)) => run_once(c, req).map_err(Attempt::into_error),
+    match run_once(c, req.clone(), meanwhile) {
+        Err(Attempt::Stale(_)) => run_once(c, req, meanwhile).map_err(Attempt::into_error),
         other => other.map_err(Attempt::into_error),
     }
 }
@@ -182,14 +195,18 @@ impl From<Error> for Attempt {
     }
 }
 
-fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> {
+fn run_once(
+    c: &Call,
+    req: Request,
+    meanwhile: &mut Meanwhile,
+) -> std::result::Result<Vec<Value>, Attempt> {
     let target = config::current()?;
     let command_timeout = crate::settings::command_timeout();
     let connect_timeout = crate::settings::connect_timeout();
     let timeout = c.extra.map(|e| command_timeout + e);
     if super::direct::serves(&target) {
         reset_thread_link();
-        return super::direct::run_once(c, &req, &target, timeout);
+        return super::direct::run_once(c, &req, &target, timeout, meanwhile);
     }
     super::direct::reset();
     LINK.with(|cell| {
@@ -212,6 +229,9 @@ fn run_once(c: &Call, req: Request) -> std::result::Result<Vec<Value>, Attempt> 
             .send(Job { req, timeout })
             .map_err(|_| Error::Internal("Redis helper thread is gone".into()))?;
         let budget = timeout.map(|t| if connecting { t + connect_timeout } else { t });
+        if let Some(f) = meanwhile.take() {
+            f();
+        }
         let outcome = wait(link, budget);
         match outcome {
             Waited::Answer(answer) => {

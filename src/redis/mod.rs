@@ -20,7 +20,7 @@ pub mod scan;
 mod sentinel;
 pub mod value;
 
-pub use link::{call, call_pipeline, masters, on_node, reset, Call};
+pub use link::{call, call_pipeline, call_pipeline_then, masters, on_node, reset, Call, Meanwhile};
 
 /// Is the configured topology a Redis Cluster? (Features that need one slot for several keys
 /// refuse it.)
