@@ -26,12 +26,12 @@ const MAX_PLANS: usize = 512;
 type Key = (Option<pg_sys::Oid>, Vec<pg_sys::Oid>, String);
 
 struct Kept {
-    table: Option<pg_sys::Oid>,
+    key: Key,
     plan: Rc<OwnedPreparedStatement>,
 }
 
 thread_local! {
-    static PLANS: RefCell<HashMap<Key, Kept>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<u64, Vec<Kept>>> = RefCell::new(HashMap::new());
     /// Tables whose relcache entry was invalidated since the last lookup; None inside: all.
     static STALE: RefCell<HashSet<Option<pg_sys::Oid>>> = RefCell::new(HashSet::new());
     static CALLBACK: Cell<bool> = const { Cell::new(false) };
@@ -59,11 +59,14 @@ fn forget_stale() {
     }
     PLANS.with(|m| {
         let mut m = m.borrow_mut();
-        if stale.contains(&None) {
-            m.retain(|_, k| k.table.is_none());
-        } else {
-            m.retain(|_, k| k.table.is_none_or(|t| !stale.contains(&Some(t))));
+        for v in m.values_mut() {
+            if stale.contains(&None) {
+                v.retain(|k| k.key.0.is_none());
+            } else {
+                v.retain(|k| k.key.0.is_none_or(|t| !stale.contains(&Some(t))));
+            }
         }
+        m.retain(|_, v| !v.is_empty());
     });
 }
 
@@ -86,13 +89,33 @@ fn plan(
     }
     forget_stale();
     // Two tables can render with the same text (same template, same transition table names),
-    // and one text can be run with arguments of different types.
-    let oids: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
-    let key = (table, oids, sql.to_string());
-    if let Some(p) = PLANS.with(|m| m.borrow().get(&key).map(|k| k.plan.clone())) {
+    // and one text can be run with arguments of different types. Looked up by a hash of the
+    // three, without building a key (this runs on every captured statement).
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        table.hash(&mut h);
+        for a in args {
+            a.oid().hash(&mut h);
+        }
+        sql.hash(&mut h);
+        h.finish()
+    };
+    let same = |k: &Key| {
+        k.0 == table
+            && k.2 == sql
+            && k.1.len() == args.len()
+            && k.1.iter().zip(args).all(|(o, a)| *o == a.oid())
+    };
+    if let Some(p) = PLANS.with(|m| {
+        m.borrow()
+            .get(&hash)
+            .and_then(|v| v.iter().find(|k| same(&k.key)).map(|k| k.plan.clone()))
+    }) {
         return Ok(p);
     }
-    let types: Vec<PgOid> = key.1.iter().map(|&o| PgOid::from(o)).collect();
+    let oids: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+    let types: Vec<PgOid> = oids.iter().map(|&o| PgOid::from(o)).collect();
     let prepared = if mutating {
         c.prepare_mut(sql, &types)?
     } else {
@@ -101,16 +124,13 @@ fn plan(
     let p = Rc::new(prepared.keep());
     PLANS.with(|m| {
         let mut m = m.borrow_mut();
-        if m.len() >= MAX_PLANS {
+        if m.values().map(Vec::len).sum::<usize>() >= MAX_PLANS {
             m.clear();
         }
-        m.insert(
-            key,
-            Kept {
-                table,
-                plan: p.clone(),
-            },
-        );
+        m.entry(hash).or_default().push(Kept {
+            key: (table, oids, sql.to_string()),
+            plan: p.clone(),
+        });
     });
     Ok(p)
 }

@@ -312,6 +312,51 @@ def test_truncate_supersedes_writes_redis_refused(env):
     e.equal("f_tr")
 
 
+def test_backfill_leaves_keys_with_waiting_changes_to_the_queue(env):
+    """A backfill step reads rows and sends them straight to Redis, except a row whose key has a
+    change waiting in the queue: that change (and its later ones) is delivered after the step,
+    so a key never goes back to an older value. A TRUNCATE waiting in the queue would purge what
+    the step sent: then the step goes through the queue, after it."""
+    e = env(preload=False)
+    c = e.conn
+    c.execute("CREATE TABLE f_bw (id int PRIMARY KEY, v text)")
+    c.execute("INSERT INTO f_bw SELECT g, 'old' FROM generate_series(1, 3000) g")
+    assert one(c, "SELECT redis_mirror('f_bw')") == 3000
+    c.execute("UPDATE f_bw SET v = 'v1' WHERE id <= 20")
+    c.execute("UPDATE f_bw SET v = 'v2' WHERE id <= 10")  # two waiting changes for ids 1..10
+    # one step (CALL redis_backfill would also drain the queue after each): the whole table
+    assert c.execute("SELECT queued, done FROM redis_backfill_step('f_bw')").fetchone() == (2980, True)
+    assert stats(c, "f_bw")["state"] == "active"
+    present = {int(k.split(":")[1]) for k in scan_keys(e.rc, "f_bw:*")}
+    assert present == set(range(21, 3001)), \
+        f"keys with waiting changes sent by the backfill: {sorted(present & set(range(1, 21)))}; missing: " \
+        f"{len(set(range(21, 3001)) - present)}"
+    assert one(c, "SELECT queue_depth FROM redis_stats WHERE mirror = 'f_bw'::regclass") == 30, \
+        "the backfill queued rows it could send itself"
+    assert loads(e.rc.get("f_bw:2999")) == {"id": 2999, "v": "old"}
+    c.execute("SELECT redis_drain()")
+    e.equal("f_bw")
+
+    # Rows whose every key has a waiting change (inserted after a TRUNCATE): nothing to send.
+    c.execute("TRUNCATE f_bw")
+    c.execute("INSERT INTO f_bw SELECT g, 'new' FROM generate_series(1, 500) g")
+    assert one(c, "SELECT redis_resync('f_bw')") == 500
+    c.execute("SELECT * FROM redis_backfill_step('f_bw')")
+    assert one(c, "SELECT queue_depth FROM redis_stats WHERE mirror = 'f_bw'::regclass") == 1 + 500
+    c.execute("SELECT redis_drain()")
+    e.equal("f_bw")
+
+    # A re-key queues a purge of the old layout: the backfill's rows must come after it, so the
+    # step goes through the queue.
+    c.execute("SELECT redis_mirror('f_bw', key_template => 'f_bw_new:{id}')")
+    c.execute("SELECT * FROM redis_backfill_step('f_bw')")
+    assert one(c, "SELECT queue_depth FROM redis_stats WHERE mirror = 'f_bw'::regclass") == 1 + 500
+    assert scan_keys(e.rc, "f_bw_new:*") == [], "something was sent before the purge"
+    c.execute("SELECT redis_drain()")
+    e.equal("f_bw", key_sql="'f_bw_new:' || id", pattern="f_bw_new:*")
+    assert scan_keys(e.rc, "f_bw:*") == [], "the old layout was not purged"
+
+
 def test_without_preload_drain_and_backfill_in_session(env):
     e = env(preload=False)
     c = e.conn

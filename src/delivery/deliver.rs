@@ -135,11 +135,14 @@ pub struct Outcome {
     pub waiting_for_standby: bool,
 }
 
-/// Deliver up to `max` changes. `wait_for_lock`: block for the delivery lock (drain) or give up
-/// at once when another deliverer holds it (worker). Must run inside a transaction.
-pub fn deliver_batch(max: usize, wait_for_lock: bool) -> Result<Outcome> {
+/// Deliver up to `rounds` batches of up to `max` changes (a next batch only while the previous
+/// one was full). `wait_for_lock`: block for the delivery lock (drain) or give up at once when
+/// another deliverer holds it (worker). Must run inside a transaction.
+pub fn deliver_batch(max: usize, rounds: usize, wait_for_lock: bool) -> Result<Outcome> {
     crate::mirror::context::with_delivery_settings(|| {
-        as_role(ext_owner(), false, || deliver_inner(max, wait_for_lock))
+        as_role(ext_owner(), false, || {
+            deliver_inner(max, rounds, wait_for_lock)
+        })
     })
 }
 
@@ -147,7 +150,7 @@ fn spi_err(e: pgrx::spi::SpiError) -> Error {
     Error::Internal(format!("delivery: {e}"))
 }
 
-fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
+fn deliver_inner(max: usize, rounds_max: usize, wait_for_lock: bool) -> Result<Outcome> {
     let locked = if wait_for_lock {
         Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[DELIVERY_LOCK.into()])
             .map_err(spi_err)?;
@@ -178,7 +181,7 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
         rounds += 1;
         // A full batch means a backlog: while Redis works on this one, read the next one.
         let mut next: Option<Result<Option<Vec<Queued>>>> = None;
-        let results = if batch.len() >= max && rounds < MAX_ROUNDS {
+        let results = if batch.len() >= max && rounds < rounds_max {
             let after = (
                 batch.first().map_or(0, |q| q.id),
                 batch.last().map_or(0, |q| q.id),
@@ -202,10 +205,6 @@ fn deliver_inner(max: usize, wait_for_lock: bool) -> Result<Outcome> {
     }
     Ok(total)
 }
-
-/// Batches one delivery step sends at most (one transaction: its deletes, and the commit-mode
-/// COMMITs waiting for them, become visible when it commits).
-const MAX_ROUNDS: usize = 4;
 
 /// The oldest `max` queued changes, in id order; `after` (first id, last id, count): read while
 /// that batch is still in the queue, being sent — the changes after it. None then when a change

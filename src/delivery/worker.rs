@@ -327,13 +327,17 @@ fn set_down(down: bool) {
     }
 }
 
+/// Batches one step sends at most while a backlog lasts (one transaction: its deletes, and the
+/// commit-mode COMMITs waiting for them, become visible when it commits).
+const ROUNDS: usize = 4;
+
 fn step() -> Step {
     let installed = super::extension_installed();
     if !installed {
         return Step::NotInstalled;
     }
     let batch = crate::settings::batch_size();
-    let delivered = deliver::deliver_batch(batch, false);
+    let delivered = deliver::deliver_batch(batch, ROUNDS, false);
     super::commit_wait::serve_waiters();
     set_down(matches!(&delivered, Err(e) if e.is_connection()));
     match delivered {

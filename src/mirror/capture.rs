@@ -95,7 +95,7 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
             catalog::relation_name(relid)
         )));
     }
-    let Some(m) = catalog::by_table(relid)? else {
+    let Some(m) = catalog::by_table_shared(relid)? else {
         return Err(Error::InvalidArgument(format!(
             "redis_mirror_trigger on {}: the table has no mirror; call redis_mirror() first",
             catalog::relation_name(relid)
@@ -216,6 +216,21 @@ fn capture_in_sql(
     need: &dyn Fn(&Option<String>, &str) -> Res<String>,
 ) -> Res<i64> {
     use super::template::{quote_ident, quote_literal};
+    let direct = m.filter.is_none() && m.builtin_types;
+    let one_row_update = matches!(op, PgTriggerOperation::Update) && unsafe { one_row_each(td) };
+    let cache_key = DirectKey {
+        table: m.tbl,
+        op: op_code(&op),
+        one_row_update,
+        old: t.old.map(str::to_string),
+        new: t.new.map(str::to_string),
+    };
+    if direct {
+        if let Some((sql, ordered)) = cached_direct(&cache_key) {
+            let cacheable = !ordered || unsafe { small_statement(td) };
+            return run_direct(m, td, &sql, cacheable);
+        }
+    }
     let key = m.key_sql()?;
     let stream = m.stream.is_some();
     let ev = |e: &str| {
@@ -263,7 +278,7 @@ fn capture_in_sql(
             let old = quote_ident(&need(&t.old.map(str::to_string), "OLD")?);
             let new = quote_ident(&need(&t.new.map(str::to_string), "NEW")?);
             let new_op = if m.action == "write" { "CASE WHEN nw.f THEN 's' ELSE 'd' END" } else { "'d'" };
-            if unsafe { one_row_each(td) } {
+            if one_row_update {
                 // One row changed (the common UPDATE): plain scans and one-time subqueries: no joins, no sort (Append keeps the
                 // branches' order, so the DEL of a changed key precedes the write).
                 let old_key = format!("(SELECT {key} FROM {old} r)");
@@ -291,7 +306,6 @@ fn capture_in_sql(
             )
         }
     };
-    let one_row_update = return_one.is_some();
     let changes = return_one.unwrap_or(changes);
     if m.filter.is_none() && m.builtin_types {
         // Only PostgreSQL's own code renders these rows (no filter, built-in types only): one
@@ -312,7 +326,9 @@ fn capture_in_sql(
         };
         let ordered = matches!(op, PgTriggerOperation::Update) && !one_row_update;
         let cacheable = !ordered || unsafe { small_statement(td) };
-        return queue_direct(m, td, &rows, ordered, cacheable);
+        let sql = direct_sql(m, &rows, ordered);
+        keep_direct(cache_key, sql.clone(), ordered);
+        return run_direct(m, td, &sql, cacheable);
     }
     let small = unsafe { small_statement(td) };
     if small {
@@ -475,33 +491,85 @@ fn queue_rows(m: &Mirror, td: *mut pg_sys::TriggerData, rows_sql: &str) -> Res<i
     })
 }
 
-/// Queue the rows of `rows_sql` (op, k, p, e, ok, part, n) in one INSERT ... SELECT, as the
-/// extension's owner (security-restricted, fixed rendering settings). Returns the number queued.
-fn queue_direct(
-    m: &Mirror,
-    td: *mut pg_sys::TriggerData,
-    rows_sql: &str,
-    ordered: bool,
-    cacheable: bool,
-) -> Res<i64> {
+/// What a filterless mirror's capture statement is made of: rendered once per mirror, operation
+/// and transition table names, and kept until the catalog generation moves (any change of a
+/// mirror, any DDL): building the SQL text and parsing the key template on every captured
+/// statement was a measurable part of a single-row INSERT (bench/profile.py insert).
+#[derive(PartialEq, Eq, Hash)]
+struct DirectKey {
+    table: pg_sys::Oid,
+    op: u8,
+    one_row_update: bool,
+    old: Option<String>,
+    new: Option<String>,
+}
+
+type DirectCache = (
+    u64,
+    std::collections::HashMap<DirectKey, (std::rc::Rc<str>, bool)>,
+);
+
+thread_local! {
+    static DIRECT_SQL: std::cell::RefCell<DirectCache> =
+        std::cell::RefCell::new((0, std::collections::HashMap::new()));
+}
+
+fn op_code(op: &PgTriggerOperation) -> u8 {
+    match op {
+        PgTriggerOperation::Insert => b'i',
+        PgTriggerOperation::Update => b'u',
+        PgTriggerOperation::Delete => b'd',
+        PgTriggerOperation::Truncate => b't',
+    }
+}
+
+fn cached_direct(k: &DirectKey) -> Option<(std::rc::Rc<str>, bool)> {
+    let generation = catalog::generation();
+    DIRECT_SQL.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != generation {
+            *c = (generation, std::collections::HashMap::new());
+        }
+        c.1.get(k).cloned()
+    })
+}
+
+fn keep_direct(k: DirectKey, sql: std::rc::Rc<str>, ordered: bool) {
+    DIRECT_SQL.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.1.len() >= 256 {
+            c.1.clear();
+        }
+        c.1.insert(k, (sql, ordered));
+    });
+}
+
+/// The INSERT that queues the rows of `rows_sql` (op, k, p, e, ok, part, n) in one statement.
+fn direct_sql(m: &Mirror, rows_sql: &str, ordered: bool) -> std::rc::Rc<str> {
     let order = if ordered { " ORDER BY x.part, x.n" } else { "" };
     let insert = format!(
         "INSERT INTO redis_internal.queue (mirror_id, op, key, payload, ev, old_key) \
          SELECT $1, x.op::\"char\", x.k, x.p, x.e::\"char\", x.ok FROM ({rows_sql}) x{order}"
     );
     // Commit mode needs the statement's queue ids (the commit waits for them to be delivered).
-    let sql = if m.mode == "commit" {
+    if m.mode == "commit" {
         format!("WITH ins AS ({insert} RETURNING id) SELECT min(id), max(id), count(*) FROM ins")
+            .into()
     } else {
-        insert
-    };
+        insert.into()
+    }
+}
+
+/// Run a direct_sql statement as the extension's owner (security-restricted, fixed rendering
+/// settings). Returns the number queued.
+fn run_direct(m: &Mirror, td: *mut pg_sys::TriggerData, sql: &str, cacheable: bool) -> Res<i64> {
     queue_with(m, td, |c| {
         as_role(ext_owner(), true, || {
             let args = [m.id.into()];
             let t = if cacheable {
-                crate::plans::update_transition(c, m.tbl, &sql, &args)?
+                crate::plans::update_transition(c, m.tbl, sql, &args)?
             } else {
-                c.update(sql.as_str(), None, &args)?
+                c.update(sql, None, &args)?
             };
             if m.mode == "commit" {
                 let row = t.first();

@@ -88,7 +88,7 @@ thread_local! {
     /// Each mirrored table's mirror, as capture last read it. Entries go when PostgreSQL
     /// invalidates the table's relcache entry: the catalog's trigger makes every change of a row
     /// do that (sql/views.sql), and so does any DDL on the table.
-    static BY_TABLE: RefCell<HashMap<pg_sys::Oid, Mirror>> = RefCell::new(HashMap::new());
+    static BY_TABLE: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<Mirror>>> = RefCell::new(HashMap::new());
     static FORGET_ALL: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -126,15 +126,21 @@ pub fn generation() -> u64 {
     GENERATION.with(|g| g.get())
 }
 
-/// The table's mirror, read on every captured statement: kept per backend (see BY_TABLE).
+/// The table's mirror (a copy of the kept one; see by_table_shared).
 pub fn by_table(relid: pg_sys::Oid) -> Result<Option<Mirror>> {
+    Ok(by_table_shared(relid)?.map(|m| (*m).clone()))
+}
+
+/// The table's mirror, read on every captured statement: kept per backend (see BY_TABLE) and
+/// shared, not copied.
+pub fn by_table_shared(relid: pg_sys::Oid) -> Result<Option<std::rc::Rc<Mirror>>> {
     if FORGET_ALL.with(|f| f.replace(false)) {
         BY_TABLE.with(|m| m.borrow_mut().clear());
     }
     if let Some(m) = BY_TABLE.with(|m| m.borrow().get(&relid).cloned()) {
         return Ok(Some(m));
     }
-    let found = read_by_table(relid)?;
+    let found = read_by_table(relid)?.map(std::rc::Rc::new);
     if let Some(m) = &found {
         BY_TABLE.with(|c| c.borrow_mut().insert(relid, m.clone()));
     }

@@ -429,7 +429,7 @@ fn redis_drain(max_changes: default!(Option<i32>, "NULL")) -> i64 {
     let batch = crate::settings::batch_size();
     let mut delivered = 0i64;
     while left > 0 {
-        let o = crate::delivery::deliver::deliver_batch(batch.min(left), true).or_raise();
+        let o = crate::delivery::deliver::deliver_batch(batch.min(left), 1, true).or_raise();
         delivered += o.delivered as i64;
         left = left.saturating_sub(o.claimed);
         if o.claimed == 0 || o.failed > 0 || o.waiting_for_standby {
