@@ -146,6 +146,29 @@ pub fn deliver_batch(max: usize, rounds: usize, wait_for_lock: bool) -> Result<O
     })
 }
 
+/// Take the delivery lock for this transaction if no other deliverer holds it.
+pub fn try_delivery_lock() -> Result<bool> {
+    Ok(crate::spi_read::one::<bool>(
+        "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
+        &[DELIVERY_LOCK.into()],
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false))
+}
+
+/// One verdict per change from a pipeline's replies, given how many commands each change sent
+/// (or why it sent none).
+fn verdicts(
+    replies: Vec<Value>,
+    counts: impl IntoIterator<Item = std::result::Result<usize, String>>,
+) -> Vec<std::result::Result<(), String>> {
+    let mut it = replies.into_iter();
+    counts
+        .into_iter()
+        .map(|n| n.and_then(|n| verdict(&it.by_ref().take(n).collect::<Vec<_>>())))
+        .collect()
+}
+
 fn spi_err(e: pgrx::spi::SpiError) -> Error {
     Error::Internal(format!("delivery: {e}"))
 }
@@ -156,12 +179,7 @@ fn deliver_inner(max: usize, rounds_max: usize, wait_for_lock: bool) -> Result<O
             .map_err(spi_err)?;
         true
     } else {
-        crate::spi_read::one::<bool>(
-            "SELECT pg_try_advisory_xact_lock($1)",
-            &[DELIVERY_LOCK.into()],
-        )
-        .map_err(spi_err)?
-        .unwrap_or(false)
+        try_delivery_lock()?
     };
     if !locked {
         return Ok(Outcome::default());
@@ -298,13 +316,7 @@ pub fn send_rows(
     }
     let what = format!("backfilling {} rows of {}", rows.len(), info.table);
     let replies = call_pipeline(&Call::new(&what), &cmds)?;
-    let mut it = replies.into_iter();
-    Ok(Some(
-        counts
-            .into_iter()
-            .map(|n| verdict(&it.by_ref().take(n).collect::<Vec<_>>()))
-            .collect(),
-    ))
+    Ok(Some(verdicts(replies, counts.into_iter().map(Ok))))
 }
 
 /// Count changes delivered outside the queue (a direct backfill step) in redis_stats.
@@ -397,13 +409,7 @@ fn send(
         }
         let what = format!("delivering {} queued changes", pending.len());
         let replies = crate::redis::call_pipeline_then(&Call::new(&what), cmds, meanwhile)?;
-        let mut it = replies.into_iter();
-        for n in pending.drain(..) {
-            results.push(n.and_then(|n| {
-                let replies: Vec<Value> = it.by_ref().take(n).collect();
-                verdict(&replies)
-            }));
-        }
+        results.extend(verdicts(replies, pending.drain(..)));
         cmds.clear();
         Ok(())
     };

@@ -107,19 +107,15 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
     }
     let mut queued = 0i64;
     let builtin = next < total && m.action == "write" && only_builtin_rendering(&m)?;
-    let mut end = end;
     let direct = if builtin && m.mode != "sync" {
         let direct_end = (next + DIRECT_BLOCKS_PER_STEP).min(total.max(next + 1));
-        let sent = direct_step(&m, &table_sql, next, direct_end)?;
-        if sent.is_some() {
-            end = direct_end;
-        }
-        sent
+        direct_step(&m, &table_sql, next, direct_end)?.map(|sent| (sent, direct_end))
     } else {
         None
     };
-    if let Some(sent) = direct {
-        queued = sent;
+    let mut end = end;
+    if let Some((sent, direct_end)) = direct {
+        (queued, end) = (sent, direct_end);
     } else if builtin {
         // Only PostgreSQL's own code renders these rows (no filter, built-in types, no row
         // security): one INSERT ... SELECT as the extension's owner, without copying the rows
@@ -226,13 +222,7 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
 /// (TRUNCATE, re-key) of the mirror waits in the queue, a standby lags, or Redis refused a row
 /// (the queue counts attempts and keeps dead letters).
 fn direct_step(m: &Mirror, table_sql: &str, next: i64, end: i64) -> Result<Option<i64>> {
-    let locked = crate::spi_read::one::<bool>(
-        "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
-        &[crate::delivery::deliver::DELIVERY_LOCK.into()],
-    )
-    .map_err(spi_err)?
-    .unwrap_or(false);
-    if !locked {
+    if !crate::delivery::deliver::try_delivery_lock()? {
         return Ok(None);
     }
     let sql = format!(

@@ -216,16 +216,14 @@ fn capture_in_sql(
     need: &dyn Fn(&Option<String>, &str) -> Res<String>,
 ) -> Res<i64> {
     use super::template::{quote_ident, quote_literal};
-    let direct = m.filter.is_none() && m.builtin_types;
     let one_row_update = matches!(op, PgTriggerOperation::Update) && unsafe { one_row_each(td) };
+    // The trigger fixes the table and its transition tables' names.
     let cache_key = DirectKey {
-        table: m.tbl,
+        trigger: unsafe { (*(*td).tg_trigger).tgoid },
         op: op_code(&op),
         one_row_update,
-        old: t.old.map(str::to_string),
-        new: t.new.map(str::to_string),
     };
-    if direct {
+    if m.filter.is_none() && m.builtin_types {
         if let Some((sql, ordered)) = cached_direct(&cache_key) {
             let cacheable = !ordered || unsafe { small_statement(td) };
             return run_direct(m, td, &sql, cacheable);
@@ -491,17 +489,15 @@ fn queue_rows(m: &Mirror, td: *mut pg_sys::TriggerData, rows_sql: &str) -> Res<i
     })
 }
 
-/// What a filterless mirror's capture statement is made of: rendered once per mirror, operation
-/// and transition table names, and kept until the catalog generation moves (any change of a
-/// mirror, any DDL): building the SQL text and parsing the key template on every captured
-/// statement was a measurable part of a single-row INSERT (bench/profile.py insert).
+/// What a filterless mirror's capture statement is made of: rendered once per trigger and
+/// operation, and kept until the catalog generation moves (any change of a mirror, any DDL):
+/// building the SQL text and parsing the key template on every captured statement was a
+/// measurable part of a single-row INSERT (bench/profile.py insert).
 #[derive(PartialEq, Eq, Hash)]
 struct DirectKey {
-    table: pg_sys::Oid,
+    trigger: pg_sys::Oid,
     op: u8,
     one_row_update: bool,
-    old: Option<String>,
-    new: Option<String>,
 }
 
 type DirectCache = (

@@ -111,9 +111,6 @@ pub fn call(c: &Call, cmd: &Cmd) -> Result<Value> {
 /// Run a pipeline of commands in one round trip (per node in a cluster); one reply per command,
 /// in order.
 pub fn call_pipeline(c: &Call, cmds: &[Cmd]) -> Result<Vec<Value>> {
-    if cmds.is_empty() {
-        return Ok(vec![]);
-    }
     call_pipeline_then(c, cmds, &mut None)
 }
 
