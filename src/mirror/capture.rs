@@ -130,11 +130,27 @@ fn capture(trigger: &PgTrigger) -> Res<()> {
         if queue_overflowing(&m)? {
             return Ok(());
         }
-        let tables = Transition {
-            old: old_name.as_deref(),
-            new: new_name.as_deref(),
+        let queued = if super::native::handles(&m, &op, td) {
+            match super::native::capture(&m, td, &op)? {
+                Some((lo, hi, n)) => {
+                    note_commit_mode(&m, lo, hi);
+                    Some(n)
+                }
+                None => None,
+            }
+        } else {
+            None
         };
-        let queued = capture_in_sql(&m, td, op, &tables, &need)?;
+        let queued = match queued {
+            Some(n) => n,
+            None => {
+                let tables = Transition {
+                    old: old_name.as_deref(),
+                    new: new_name.as_deref(),
+                };
+                capture_in_sql(&m, td, op, &tables, &need)?
+            }
+        };
         if queued > 0 {
             crate::delivery::wake_at_commit();
         }
@@ -599,13 +615,18 @@ fn queue_with(
     })
     // The table's name is looked up only for a message: not on every statement.
     .map_err(|e| Error::Internal(format!("capturing a change of {}: {e}", m.table_name())))?;
+    note_commit_mode(m, lo, hi);
+    Ok(n)
+}
+
+/// A commit-mode COMMIT waits for the changes its statements queued.
+fn note_commit_mode(m: &Mirror, lo: Option<i64>, hi: Option<i64>) {
     if m.mode == "commit" {
         if let (Some(lo), Some(hi)) = (lo, hi) {
             let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
             crate::delivery::commit_wait::note_commit_mode(xid, lo, hi);
         }
     }
-    Ok(n)
 }
 
 /// Past `pg_redis.max_queue_size` a mirror stops capturing (the user's write goes on) and is

@@ -42,7 +42,7 @@ const SAFE_SETTINGS: [(&str, &str); 2] = [
     ("standard_conforming_strings", "on"),
 ];
 
-fn as_role_only<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> R {
+pub fn as_role_only<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> R {
     let mut save_uid = pg_sys::InvalidOid;
     let mut save_ctx = 0i32;
     unsafe {
@@ -132,7 +132,8 @@ fn utc_already() -> bool {
 
 /// Run `f` with the settings given (session-local, undone afterwards and on error).
 fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
-    let nest = unsafe { pg_sys::NewGUCNestLevel() };
+    // A nest level only when something is set: popping one walks every setting (PostgreSQL 15).
+    let mut nest = None;
     for &(name, value) in settings {
         let (n, v) = (
             CString::new(name).unwrap_or_default(),
@@ -146,6 +147,9 @@ fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
         let current = unsafe { pg_sys::GetConfigOption(n.as_ptr(), true, false) };
         if !current.is_null() && unsafe { std::ffi::CStr::from_ptr(current) } == v.as_c_str() {
             continue;
+        }
+        if nest.is_none() {
+            nest = Some(unsafe { pg_sys::NewGUCNestLevel() });
         }
         unsafe {
             pg_sys::set_config_option(
@@ -161,6 +165,8 @@ fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
         }
     }
     let r = f();
-    unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+    if let Some(nest) = nest {
+        unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+    }
     r
 }

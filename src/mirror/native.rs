@@ -1,0 +1,403 @@
+//! Capture without SQL, for the common mirror: queue or commit mode, no filter, no stream, every
+//! column, every column of a built-in type. The statement's transition rows are read straight
+//! from their tuplestores, rendered by PostgreSQL's own functions (`row_to_json`, the key
+//! columns' output functions) and inserted into the queue as heap tuples with their index entry.
+//!
+//! The SQL path (capture.rs) pays, per captured statement, an SPI connection, the executor start
+//! of an INSERT ... SELECT over the transition table, and the switch of search_path around it:
+//! about as much as the user's own single-row INSERT (bench/profile.py insert). What runs here is
+//! the same rendering and the same queue rows, without that. Whatever this path does not handle
+//! (a queue not laid out as expected, a key column missing) returns None and the SQL path runs.
+
+use super::catalog::Mirror;
+use super::context::{as_role_only, ext_owner, with_some_render_settings};
+use super::template::Part;
+use crate::error::Error;
+use pgrx::pg_sys;
+use pgrx::PgTriggerOperation;
+use std::collections::HashSet;
+use std::ffi::CStr;
+
+type Res<T> = std::result::Result<T, Error>;
+
+// PostgreSQL's own SQL-callable functions, called directly (pg_sys wraps them as Rust functions,
+// which DirectFunctionCall cannot take).
+extern "C-unwind" {
+    fn row_to_json(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+    fn nextval_oid(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
+/// Statements whose UPDATE pairs up at most this many rows come here: an UPDATE's old keys are
+/// held in memory to know which of them no new row has (larger ones go through SQL's join).
+const MAX_UPDATE_ROWS: i64 = 64;
+
+/// The queue's columns, in order (sql/catalog.sql): checked against the table before writing.
+const QUEUE_COLUMNS: [&str; 11] = [
+    "id",
+    "mirror_id",
+    "op",
+    "key",
+    "payload",
+    "ev",
+    "old_key",
+    "xid",
+    "queued_at",
+    "attempts",
+    "last_error",
+];
+
+/// Whether this path handles the mirror's capture of `op`.
+pub fn handles(m: &Mirror, op: &PgTriggerOperation, td: *mut pg_sys::TriggerData) -> bool {
+    let shape = m.filter.is_none()
+        && m.builtin_types
+        && m.stream.is_none()
+        && m.columns.is_none()
+        && (m.mode == "queue" || m.mode == "commit");
+    shape
+        && match op {
+            PgTriggerOperation::Insert | PgTriggerOperation::Delete => true,
+            PgTriggerOperation::Update => unsafe {
+                count((*td).tg_oldtable) <= MAX_UPDATE_ROWS
+                    && count((*td).tg_newtable) <= MAX_UPDATE_ROWS
+            },
+            PgTriggerOperation::Truncate => false,
+        }
+}
+
+unsafe fn count(t: *mut pg_sys::Tuplestorestate) -> i64 {
+    if t.is_null() {
+        0
+    } else {
+        pg_sys::tuplestore_tuple_count(t)
+    }
+}
+
+/// One part of the key: literal text or a column rendered by its type's output function.
+enum KeyPart {
+    Lit(String),
+    Col {
+        attnum: usize,
+        output: pg_sys::Oid,
+        name: String,
+    },
+}
+
+/// (first id, last id, count) of the queued changes; None: not handled here (nothing was done).
+pub type Queued = Option<(Option<i64>, Option<i64>, i64)>;
+
+/// Capture the statement's changes into the queue. The caller checked `handles`.
+pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation) -> Res<Queued> {
+    let Some((queue, seq)) = queue_relations() else {
+        return Ok(None);
+    };
+    let rel = unsafe { (*td).tg_relation };
+    let Some(key) = key_parts(m, unsafe { (*rel).rd_att })? else {
+        return Ok(None);
+    };
+    // Output functions of timestamps, floats, bytea, intervals depend on these settings; the
+    // path and string settings only matter to SQL, and none runs here.
+    let settings: Vec<(&str, &str)> = m
+        .render_settings
+        .iter()
+        .copied()
+        .filter(|(n, _)| *n != "search_path" && *n != "standard_conforming_strings")
+        .collect();
+    with_some_render_settings(&settings, || {
+        as_role_only(ext_owner(), true, || unsafe {
+            let mut w = Writer::open(queue, seq, m.id)?;
+            let r = match op {
+                PgTriggerOperation::Insert => {
+                    let (op, json) = if m.action == "write" {
+                        (b's', true)
+                    } else {
+                        (b'd', false)
+                    };
+                    each_row(td, (*td).tg_newtable, false, |slot| {
+                        let k = render_key(&key, slot, m)?;
+                        let p = if json { Some(row_json(slot)) } else { None };
+                        w.insert(op, &k, p, None)
+                    })
+                }
+                PgTriggerOperation::Delete => each_row(td, (*td).tg_oldtable, false, |slot| {
+                    let k = render_key(&key, slot, m)?;
+                    w.insert(b'd', &k, None, None)
+                }),
+                _ => update(m, td, &key, &mut w),
+            };
+            let done = w.close();
+            r.map(|_| Some(done))
+        })
+    })
+}
+
+/// An UPDATE: the old keys that no new row has are deleted first (in a statement that swaps
+/// keys every DEL precedes the writes), then each new row is written (or, for an invalidating
+/// mirror, its key deleted), carrying the key it had before when that changed. Old and new
+/// transition rows come pair by pair in the same order.
+unsafe fn update(
+    m: &Mirror,
+    td: *mut pg_sys::TriggerData,
+    key: &[KeyPart],
+    w: &mut Writer,
+) -> Res<()> {
+    let mut old = Vec::new();
+    each_row(td, (*td).tg_oldtable, false, |slot| {
+        old.push(render_key(key, slot, m)?);
+        Ok(())
+    })?;
+    let write = m.action == "write";
+    let mut new = Vec::new();
+    // The payloads stay in memory until written below (few rows come here).
+    each_row(td, (*td).tg_newtable, true, |slot| {
+        let k = render_key(key, slot, m)?;
+        let p = if write { Some(row_json(slot)) } else { None };
+        new.push((k, p));
+        Ok(())
+    })?;
+    let new_keys: HashSet<&str> = new.iter().map(|(k, _)| k.as_str()).collect();
+    for k in old.iter().filter(|k| !new_keys.contains(k.as_str())) {
+        w.insert(b'd', k, None, None)?;
+    }
+    for (i, (k, p)) in new.iter().enumerate() {
+        let before = old.get(i).filter(|o| *o != k).map(String::as_str);
+        w.insert(if write { b's' } else { b'd' }, k, *p, before)?;
+    }
+    Ok(())
+}
+
+/// The queue and its id sequence, looked up by name (the syscache makes this cheap), so that a
+/// dropped and re-created extension is found again; None when either is missing.
+fn queue_relations() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"redis_internal".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return None;
+        }
+        let queue = pg_sys::get_relname_relid(c"queue".as_ptr(), ns);
+        let seq = pg_sys::get_relname_relid(c"queue_id_seq".as_ptr(), ns);
+        (queue != pg_sys::InvalidOid && seq != pg_sys::InvalidOid).then_some((queue, seq))
+    }
+}
+
+/// The key template against the table's columns: None when a column is not found (the SQL path
+/// then reports it as it does).
+fn key_parts(m: &Mirror, desc: pg_sys::TupleDesc) -> Res<Option<Vec<KeyPart>>> {
+    let mut parts = vec![KeyPart::Lit(m.key_prefix.clone())];
+    for p in m.parts()? {
+        match p {
+            Part::Lit(l) => parts.push(KeyPart::Lit(l)),
+            Part::Col(c) => {
+                let Some((attnum, typid)) = (unsafe { column(desc, &c) }) else {
+                    return Ok(None);
+                };
+                let mut output = pg_sys::InvalidOid;
+                let mut varlena = false;
+                unsafe { pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena) };
+                parts.push(KeyPart::Col {
+                    attnum,
+                    output,
+                    name: c,
+                });
+            }
+        }
+    }
+    Ok(Some(parts))
+}
+
+/// The 1-based number and type of a live column by name.
+unsafe fn column(desc: pg_sys::TupleDesc, name: &str) -> Option<(usize, pg_sys::Oid)> {
+    let natts = (*desc).natts as usize;
+    let attrs = (*desc).attrs.as_slice(natts);
+    attrs.iter().enumerate().find_map(|(i, a)| {
+        let n = CStr::from_ptr(a.attname.data.as_ptr());
+        (!a.attisdropped && n.to_bytes() == name.as_bytes()).then_some((i + 1, a.atttypid))
+    })
+}
+
+/// Run `f` on every row of a transition table, in order, each in a memory context reset after
+/// it (a COPY of millions of rows renders them all in one call) unless `keep`: then what `f`
+/// allocates lives until the caller's memory context is reset.
+unsafe fn each_row(
+    td: *mut pg_sys::TriggerData,
+    store: *mut pg_sys::Tuplestorestate,
+    keep: bool,
+    mut f: impl FnMut(*mut pg_sys::TupleTableSlot) -> Res<()>,
+) -> Res<()> {
+    if store.is_null() {
+        return Ok(());
+    }
+    let desc = (*(*td).tg_relation).rd_att;
+    let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
+    // A read pointer of our own: other triggers of the statement read the same tuplestore.
+    let ptr = pg_sys::tuplestore_alloc_read_pointer(store, pg_sys::EXEC_FLAG_REWIND as i32);
+    pg_sys::tuplestore_select_read_pointer(store, ptr);
+    pg_sys::tuplestore_rescan(store);
+    let cxt = pg_sys::AllocSetContextCreateInternal(
+        pg_sys::CurrentMemoryContext,
+        c"pg_redis capture row".as_ptr(),
+        pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+    );
+    let mut r = Ok(());
+    while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+        let old = pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::slot_getsomeattrs_int(slot, (*desc).natts);
+        r = f(slot);
+        pg_sys::MemoryContextSwitchTo(old);
+        if !keep {
+            pg_sys::MemoryContextReset(cxt);
+        }
+        if r.is_err() {
+            break;
+        }
+    }
+    if !keep {
+        pg_sys::MemoryContextDelete(cxt);
+    }
+    pg_sys::ExecDropSingleTupleTableSlot(slot);
+    r
+}
+
+/// The row as `row_to_json` renders it (a json datum, which is text's representation).
+unsafe fn row_json(slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+    let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+    pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, row)
+}
+
+/// The key of the row in the slot (its attributes already deformed).
+unsafe fn render_key(
+    parts: &[KeyPart],
+    slot: *mut pg_sys::TupleTableSlot,
+    m: &Mirror,
+) -> Res<String> {
+    let mut key = String::new();
+    for p in parts {
+        match p {
+            KeyPart::Lit(l) => key.push_str(l),
+            KeyPart::Col {
+                attnum,
+                output,
+                name,
+            } => {
+                let i = attnum - 1;
+                if *(*slot).tts_isnull.add(i) {
+                    // Key columns are those of a primary key or a NOT NULL unique index.
+                    pgrx::ereport!(
+                        pgrx::PgLogLevel::ERROR,
+                        pgrx::PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                        format!(
+                            "pg_redis: capturing a change of {}: the key column {name} is NULL",
+                            m.table_name()
+                        )
+                    );
+                }
+                let s = pg_sys::OidOutputFunctionCall(*output, *(*slot).tts_values.add(i));
+                key.push_str(&CStr::from_ptr(s).to_string_lossy());
+            }
+        }
+    }
+    Ok(key)
+}
+
+/// Inserts queue rows as the queue's owner would through SQL: ids from the queue's sequence,
+/// the writing transaction's id, the clock's time.
+struct Writer {
+    rel: pg_sys::Relation,
+    indexes: pg_sys::CatalogIndexState,
+    seq: pg_sys::Oid,
+    mirror_id: i32,
+    xid: u64,
+    first: Option<i64>,
+    last: Option<i64>,
+    count: i64,
+}
+
+impl Writer {
+    unsafe fn open(queue: pg_sys::Oid, seq: pg_sys::Oid, mirror_id: i32) -> Res<Writer> {
+        let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as i32);
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let attrs = (*desc).attrs.as_slice(natts);
+        let laid_out = natts == QUEUE_COLUMNS.len()
+            && attrs.iter().zip(QUEUE_COLUMNS).all(|(a, n)| {
+                !a.attisdropped
+                    && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == n.as_bytes()
+            });
+        if !laid_out {
+            pg_sys::table_close(rel, pg_sys::RowExclusiveLock as i32);
+            return Err(Error::Internal(
+                "capturing a change: redis_internal.queue does not have the columns of this version of pg_redis (ALTER EXTENSION pg_redis UPDATE)".into(),
+            ));
+        }
+        Ok(Writer {
+            rel,
+            indexes: pg_sys::CatalogOpenIndexes(rel),
+            seq,
+            mirror_id,
+            xid: pg_sys::GetTopFullTransactionId().value,
+            first: None,
+            last: None,
+            count: 0,
+        })
+    }
+
+    unsafe fn insert(
+        &mut self,
+        op: u8,
+        key: &str,
+        payload: Option<pg_sys::Datum>,
+        old_key: Option<&str>,
+    ) -> Res<()> {
+        use pgrx::IntoDatum;
+        let id = pg_sys::DirectFunctionCall1Coll(
+            Some(nextval_oid),
+            pg_sys::InvalidOid,
+            pg_sys::Datum::from(self.seq),
+        )
+        .value() as i64;
+        let text = |s: &str| pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32);
+        let none = pg_sys::Datum::from(0usize);
+        let mut values = [
+            id.into_datum().unwrap_or(none),
+            self.mirror_id.into_datum().unwrap_or(none),
+            pg_sys::Datum::from(op as i8),
+            pg_sys::Datum::from(text(key)),
+            payload.unwrap_or(none),
+            none,
+            old_key.map_or(none, |k| pg_sys::Datum::from(text(k))),
+            pg_sys::Datum::from(self.xid as i64),
+            pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
+            0i32.into_datum().unwrap_or(none),
+            none,
+        ];
+        let mut nulls = [
+            false,
+            false,
+            false,
+            false,
+            payload.is_none(),
+            true,
+            old_key.is_none(),
+            false,
+            false,
+            false,
+            true,
+        ];
+        let tup =
+            pg_sys::heap_form_tuple((*self.rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::CatalogTupleInsertWithInfo(self.rel, tup, self.indexes);
+        pg_sys::heap_freetuple(tup);
+        self.first.get_or_insert(id);
+        self.last = Some(id);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Close the queue (its lock held to the end of the transaction, as a statement's would be).
+    unsafe fn close(self) -> (Option<i64>, Option<i64>, i64) {
+        pg_sys::CatalogCloseIndexes(self.indexes);
+        pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+        (self.first, self.last, self.count)
+    }
+}
