@@ -935,20 +935,24 @@ NOTES = {
               "rest of the statement, the capture trigger and COMMIT).",
 }
 
-PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P1, P5, P6: the release build with the main-thread Redis socket)"
+PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile)"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
 LIMITS: dict = {
-    "P1": "capture runs kept plans and, for a filterless mirror of built-in types, one `INSERT ... "
-          "SELECT` from the transition table into the queue; with delivery held off (Redis stopped) the "
-          "mirrored table ran at ~0.58 of the unmirrored one, against ~0.47 with the worker delivering on "
-          "the same two cores (third session, bench/profile.py insert: the worker took ~40 % of all "
-          "samples, delivering ~20k changes/s in batches of a few changes, each a transaction with an "
-          "index scan of the queue head and a WAL flush). Per statement the capture pays the statement "
-          "trigger's transition table, an SPI connection, the executor start of its INSERT (`ExecInitNode`), "
-          "the queue row with its index entry and WAL, and the switches of rendering settings and "
-          "search_path around internal SQL (the privilege-escalation fix; ~3 % of the backend).",
+    "P1": "for a filterless queue/commit-mode mirror of built-in types, capture runs no SQL (fifth "
+          "session): it reads the statement's transition table, renders each row with `row_to_json` and "
+          "the key columns' output functions and inserts the queue row as a heap tuple with its index "
+          "entry (other mirrors: one kept `INSERT ... SELECT` plan). With delivery held off (Redis stopped) "
+          "the mirrored table ran at ~0.55 of the unmirrored one (the PL/pgSQL outbox trigger at ~0.60-0.64 "
+          "on this machine), ~0.45-0.48 with the worker delivering on the same two cores: the rest of the "
+          "backend's cost is the statement trigger's transition table and the queue row's heap, index and "
+          "WAL. The worker (perf, fifth session) delivered ~11 changes per step at ~19k tx/s, ~270 µs of "
+          "CPU per step: ~31 % the WAL flush (fdatasync) that must precede the send (nothing a crash could "
+          "lose may reach Redis), ~38 % SPI (queue head, DELETE by TID, stats), ~16 % the Redis pipeline; "
+          "that is 25-45 % of one of the two cores, taken from the writers. Steps are paced to 1 ms under "
+          "such a stream (fewer flushes: worker CPU 2.25 s → 1.52 s per 5 s run), which did not move the "
+          "ratio beyond noise.",
     "P1s": "as P1, on top of the WAL flush per commit (which both sides pay).",
     "P1u": "a one-row UPDATE renders old and new keys in one statement without joins (~20 µs per statement "
            "in a DO loop against ~12 µs unmirrored); the rest as P1.",
@@ -957,9 +961,10 @@ LIMITS: dict = {
                  "statement runs.",
     "P2 copy": "as P2 insert.",
     "P3": "one process: each batch of `batch_size` (5000) is a transaction that reads the queue head, "
-          "converts each row through SPI, sends one pipeline, deletes by TID and flushes the WAL; the "
-          "profile is flat (SPI tuple conversion, B-tree, heap, CRC of the WAL); the worker's own queue "
-          "vacuum keeps the index scans of the queue head short.",
+          "converts each row through SPI, sends one pipeline, deletes by TID and flushes the WAL; the next "
+          "batch is read while Redis runs the current pipeline (fourth session), so what is left is the "
+          "PostgreSQL side: the profile is flat (SPI tuple conversion, B-tree, heap, CRC of the WAL); the "
+          "worker's own queue vacuum keeps the index scans of the queue head short.",
     "P4 p50": "with `synchronous_commit = off` the worker must flush the WAL before sending (nothing a "
               "crash could lose may reach Redis): an fdatasync per batch (0.2–0.9 ms on this disk), plus the "
               "worker's transaction and the pipeline's round trip.",
@@ -983,10 +988,11 @@ LIMITS: dict = {
           "switch while it waits for Redis.",
     "P6": "as P5 (one round trip on the backend's own socket; the hit path reads no catalog), then the "
           "JSON is parsed into the jsonb result.",
-    "P7": "the backfill goes through the queue (so that it stays ordered with concurrent changes): for a "
-          "filterless mirror of built-in types each 32-block step is one `INSERT ... SELECT ... FOR SHARE` into "
-          "the queue (a row lock, a queue row with its index entry and WAL per row), then the worker reads the "
-          "rows back, sends and deletes them (and vacuums the queue every 10,000): one process on one core.",
+    "P7": "for a filterless queue/commit-mode mirror of built-in types the backfill goes straight to "
+          "Redis (fourth session): each step is one statement that reads 128 blocks and renders the rows, "
+          "leaving out keys with a change waiting in the queue (which delivers them in order), then one "
+          "pipeline; no row locks, no queue rows. Other mirrors go through the queue (a row lock, a queue "
+          "row with its index entry and WAL per row). One process on one core either way.",
 }
 
 HOW = [
