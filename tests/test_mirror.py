@@ -185,10 +185,16 @@ def stats(conn, table):
 
 def wait_idle(conn, table, timeout=15.0):
     """Wait until the mirror is active with an empty queue."""
+    seen = {}
+
     def idle():
         s = stats(conn, table)
+        seen.update(s)
         return s if (s["queue_depth"] == 0 and s["state"] == "active") else None
-    return wait_until(idle, timeout, 0.05, f"{table}: queue empty and state active")
+    try:
+        return wait_until(idle, timeout, 0.05, f"{table}: queue empty and state active")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; redis_stats: {seen}") from None
 
 
 def notices_of(conn):
@@ -1310,7 +1316,12 @@ def test_backfill_of_200k_rows_while_another_session_writes(m):
     assert progress_ok
     assert writes[0] > 100, f"the writer only managed {writes[0]} statements"
     assert max(lat) < 2, f"a write was blocked for {max(lat):.2f}s during the backfill"
-    s = wait_idle(m.conn, "mx_bf", timeout=60)
+    try:
+        s = wait_idle(m.conn, "mx_bf", timeout=60)
+    except AssertionError as e:
+        q = m.conn.execute("SELECT op, key, attempts, last_error FROM redis_internal.queue ORDER BY id LIMIT 5").fetchall()
+        log = [ln for ln in m.pg.read_log().splitlines() if "pg_redis" in ln or "ERROR" in ln][-30:]
+        raise AssertionError(f"{e}\nqueue head: {q}\nserver log:\n" + "\n".join(log)) from None
     assert_redis_equals_table(m.pg, m.rc, "mx_bf", timeout=30)
     assert s["backfill_done"] is not None and s["backfill_done"] == s["backfill_total"], \
         {k: s[k] for k in ("state", "backfill_done", "backfill_total", "redis_rows", "table_rows")}
