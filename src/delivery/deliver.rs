@@ -84,16 +84,20 @@ thread_local! {
         std::cell::RefCell::new((0, HashMap::new()));
 }
 
-fn mirror_info(c: &pgrx::spi::SpiClient<'_>, id: i32) -> Result<Option<std::rc::Rc<MirrorInfo>>> {
+/// The cached settings of a mirror: None when not cached (Some(None): the mirror is gone).
+fn cached_mirror(id: i32) -> Option<Option<std::rc::Rc<MirrorInfo>>> {
     let generation = crate::mirror::catalog::generation();
-    let hit = MIRRORS.with(|m| {
+    MIRRORS.with(|m| {
         let mut m = m.borrow_mut();
         if m.0 != generation {
             *m = (generation, HashMap::new());
         }
         m.1.get(&id).cloned()
-    });
-    if let Some(hit) = hit {
+    })
+}
+
+fn mirror_info(c: &pgrx::spi::SpiClient<'_>, id: i32) -> Result<Option<std::rc::Rc<MirrorInfo>>> {
+    if let Some(hit) = cached_mirror(id) {
         return Ok(hit);
     }
     let rows = crate::plans::select(
@@ -237,6 +241,46 @@ fn deliver_inner(max: usize, rounds_max: usize, wait_for_lock: bool) -> Result<O
 /// smaller than the batch's, or its range holds more): a later change of that key could be in
 /// the new batch, and must not go out before it; the next step reads from the head again.
 fn read_batch(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<Vec<Queued>>> {
+    let Some(raw) = super::queue_read::head(max, after) else {
+        return read_batch_sql(max, after);
+    };
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    // The mirrors' settings from the worker's cache; SPI only for a mirror not seen yet.
+    let mut last: Option<(i32, Option<std::rc::Rc<MirrorInfo>>)> = None;
+    let mut batch = Vec::with_capacity(raw.len());
+    for r in raw {
+        let mirror = match &last {
+            Some((id, m)) if *id == r.mirror_id => m.clone(),
+            _ => {
+                let m = match cached_mirror(r.mirror_id) {
+                    Some(m) => m,
+                    None => Spi::connect(|c| mirror_info(c, r.mirror_id))?,
+                };
+                last = Some((r.mirror_id, m.clone()));
+                m
+            }
+        };
+        batch.push(Queued {
+            id: r.id,
+            mirror_id: r.mirror_id,
+            op: r.op,
+            key: r.key,
+            payload: r.payload,
+            age_ms: r.age_ms,
+            ev: r.ev,
+            old_key: r.old_key,
+            xid: r.xid,
+            ctid: r.ctid,
+            mirror,
+        });
+    }
+    Ok(Some(batch))
+}
+
+/// read_batch through SQL, for a queue this version's direct read does not know.
+fn read_batch_sql(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<Vec<Queued>>> {
     const COLS: &str = "SELECT q.id, q.mirror_id, q.op::text, q.key, q.payload, \
                     pg_catalog.date_part('epoch', clock_timestamp() - q.queued_at) * 1000, \
                     q.ev::text, q.old_key, q.xid::text, q.ctid::text";

@@ -165,9 +165,21 @@ unsafe fn update(
     Ok(())
 }
 
+/// Whether the open queue relation has the columns of this version, in order (an extension
+/// not yet updated may have others): the paths that read or write its tuples directly check it.
+pub(crate) unsafe fn queue_laid_out(rel: pg_sys::Relation) -> bool {
+    let desc = (*rel).rd_att;
+    let natts = (*desc).natts as usize;
+    let attrs = (*desc).attrs.as_slice(natts);
+    natts == QUEUE_COLUMNS.len()
+        && attrs.iter().zip(QUEUE_COLUMNS).all(|(a, n)| {
+            !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == n.as_bytes()
+        })
+}
+
 /// The queue and its id sequence, looked up by name (the syscache makes this cheap), so that a
 /// dropped and re-created extension is found again; None when either is missing.
-fn queue_relations() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+pub(crate) fn queue_relations() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"redis_internal".as_ptr(), true);
         if ns == pg_sys::InvalidOid {
@@ -316,15 +328,7 @@ struct Writer {
 impl Writer {
     unsafe fn open(queue: pg_sys::Oid, seq: pg_sys::Oid, mirror_id: i32) -> Res<Writer> {
         let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as i32);
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
-        let laid_out = natts == QUEUE_COLUMNS.len()
-            && attrs.iter().zip(QUEUE_COLUMNS).all(|(a, n)| {
-                !a.attisdropped
-                    && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == n.as_bytes()
-            });
-        if !laid_out {
+        if !queue_laid_out(rel) {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as i32);
             return Err(Error::Internal(
                 "capturing a change: redis_internal.queue does not have the columns of this version of pg_redis (ALTER EXTENSION pg_redis UPDATE)".into(),
