@@ -949,7 +949,7 @@ LIMITS: dict = {
           "backend's cost is the statement trigger's transition table and the queue row's heap, index and "
           "WAL. The worker (perf, fifth session) delivered ~11 changes per step at ~19k tx/s, ~270 µs of "
           "CPU per step: ~31 % the WAL flush (fdatasync) that must precede the send (nothing a crash could "
-          "lose may reach Redis), ~38 % SPI (queue head, DELETE by TID, stats), ~16 % the Redis pipeline; "
+          "lose may reach Redis), ~38 % SPI (queue head — read without SQL since the sixth session —, DELETE by TID, stats), ~16 % the Redis pipeline; "
           "that is 25-45 % of one of the two cores, taken from the writers. Steps are paced to 1 ms under "
           "such a stream (fewer flushes: worker CPU 2.25 s → 1.52 s per 5 s run), which did not move the "
           "ratio beyond noise.",
@@ -961,10 +961,13 @@ LIMITS: dict = {
                  "statement runs.",
     "P2 copy": "as P2 insert.",
     "P3": "one process: each batch of `batch_size` (5000) is a transaction that reads the queue head, "
-          "converts each row through SPI, sends one pipeline, deletes by TID and flushes the WAL; the next "
-          "batch is read while Redis runs the current pipeline (fourth session), so what is left is the "
-          "PostgreSQL side: the profile is flat (SPI tuple conversion, B-tree, heap, CRC of the WAL); the "
-          "worker's own queue vacuum keeps the index scans of the queue head short.",
+          "sends one pipeline, deletes by TID and flushes the WAL; the next batch is read while Redis runs "
+          "the current pipeline (fourth session). Since the sixth session the head is read without SQL (an "
+          "index scan of the queue's primary key, tuples deformed in Rust: SPI's tuple conversion was a "
+          "sixth of the drain's profile; 1M drain 261k → 292k changes/s, median of 3). What is left is "
+          "flat (perf, sixth session): the DELETE by TID ~18 % (heap_delete, its WAL), the index scan "
+          "with heap fetches ~17 %, the worker's own queue VACUUM ~8 %, memory copies and page faults of "
+          "the batch's strings ~10 %, the WAL flush ~3 %.",
     "P4 p50": "with `synchronous_commit = off` the worker must flush the WAL before sending (nothing a "
               "crash could lose may reach Redis): an fdatasync per batch (0.2–0.9 ms on this disk), plus the "
               "worker's transaction and the pipeline's round trip.",
