@@ -44,7 +44,7 @@ struct Queued {
     mirror: Option<std::rc::Rc<MirrorInfo>>,
     /// Where the row is: delivered rows are deleted by TID (one deliverer at a time, so the
     /// rows cannot move meanwhile), much cheaper than an index probe per id.
-    ctid: String,
+    tid: super::queue_delete::Tid,
 }
 
 /// What delivery needs of a mirror. None: the mirror is gone (its changes still delete).
@@ -272,7 +272,7 @@ fn read_batch(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<Vec<Q
             ev: r.ev,
             old_key: r.old_key,
             xid: r.xid,
-            ctid: r.ctid,
+            tid: r.tid,
             mirror,
         });
     }
@@ -324,7 +324,12 @@ fn read_batch_sql(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<V
                 ev: r.get::<String>(7).map_err(spi_err)?,
                 old_key: r.get::<String>(8).map_err(spi_err)?,
                 xid: r.get::<String>(9).map_err(spi_err)?.unwrap_or_default(),
-                ctid: r.get::<String>(10).map_err(spi_err)?.unwrap_or_default(),
+                tid: r
+                    .get::<String>(10)
+                    .map_err(spi_err)?
+                    .as_deref()
+                    .and_then(super::queue_delete::parse)
+                    .unwrap_or_default(),
                 mirror: mirror_info(c, mirror_id)?,
             });
         }
@@ -688,7 +693,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             || last_purge.get(&q.mirror_id).is_some_and(|&j| j > i)
     };
     let mut done: Vec<i64> = vec![];
-    let mut done_tids: Vec<String> = vec![];
+    let mut done_tids: Vec<super::queue_delete::Tid> = vec![];
     let mut failed_ids: Vec<i64> = vec![];
     let mut failed_errs: Vec<String> = vec![];
     let mut transient_failures = 0usize;
@@ -698,13 +703,13 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         match r {
             Ok(()) => {
                 done.push(q.id);
-                done_tids.push(q.ctid.clone());
+                done_tids.push(q.tid);
                 s.0 += 1;
                 s.2 = q.age_ms;
             }
             Err(_) if superseded(i, q) => {
                 done.push(q.id);
-                done_tids.push(q.ctid.clone());
+                done_tids.push(q.tid);
             }
             Err(e) => {
                 s.1 += 1;
@@ -724,31 +729,19 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             }
         }
     }
-    let deleted = done_tids.len() as u64;
-    const DELETE: &str = "DELETE FROM redis_internal.queue WHERE ctid = ANY($1::text[]::tid[])";
-    // The common batch (one mirror, nothing failed): the delete and the counters in one
-    // statement, one executor run less per batch.
-    let mut per_mirror: Vec<_> = per_mirror.into_iter().collect();
-    let merged = if per_mirror.len() == 1 && failed_ids.is_empty() {
-        per_mirror.pop()
-    } else {
-        None
+    let deleted = match super::queue_delete::delete(&done_tids) {
+        Some(n) => n,
+        None => {
+            // A queue of another layout: through SQL.
+            let n = done_tids.len() as u64;
+            crate::plans::run(
+                "DELETE FROM redis_internal.queue WHERE ctid = ANY($1::text[]::tid[])",
+                &[super::queue_delete::texts(&done_tids).into()],
+            )
+            .map_err(spi_err)?;
+            n
+        }
     };
-    match merged {
-        Some((mirror, (ok, bad, lag_ms, err))) => crate::plans::run(
-            &format!("WITH d AS ({DELETE}) {}", stats_sql(2)),
-            &[
-                done_tids.into(),
-                mirror.into(),
-                ok.into(),
-                bad.into(),
-                lag_ms.into(),
-                err.into(),
-            ],
-        ),
-        None => crate::plans::run(DELETE, &[done_tids.into()]),
-    }
-    .map_err(spi_err)?;
     DELETED.with(|d| d.set(d.get() + deleted));
     if !failed_ids.is_empty() {
         crate::plans::run(
@@ -767,7 +760,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
     }
     for (mirror, (ok, bad, lag_ms, err)) in per_mirror {
         crate::plans::run(
-            &stats_sql(1),
+            STATS_SQL,
             &[
                 mirror.into(),
                 ok.into(),
@@ -786,22 +779,15 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
     })
 }
 
-/// Add a batch's figures to a mirror's counters: (mirror, delivered, failed, lag in ms, last error)
-/// as the parameters from `$first` on.
-fn stats_sql(first: usize) -> String {
-    let [m, ok, bad, lag, err] =
-        [first, first + 1, first + 2, first + 3, first + 4].map(|i| format!("${i}"));
-    format!(
-        "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, delivered, failed, last_lag, last_error, last_error_at) \
-         SELECT {m}::int, {ok}::int8, {bad}::int8, make_interval(secs => {lag}::float8 / 1000), {err}::text, \
-                CASE WHEN {err}::text IS NULL THEN NULL ELSE clock_timestamp() END \
-          WHERE EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = {m}::int) \
-         ON CONFLICT (mirror_id) DO UPDATE SET delivered = s.delivered + {ok}::int8, failed = s.failed + {bad}::int8, \
-             last_lag = CASE WHEN {ok}::int8 > 0 THEN excluded.last_lag ELSE s.last_lag END, \
-             last_error = coalesce(excluded.last_error, s.last_error), \
-             last_error_at = coalesce(excluded.last_error_at, s.last_error_at)"
-    )
-}
+/// Add a batch's figures to a mirror's counters: (mirror, delivered, failed, lag in ms, last error).
+const STATS_SQL: &str = "INSERT INTO redis_internal.mirror_stats AS s (mirror_id, delivered, failed, last_lag, last_error, last_error_at) \
+     SELECT $1::int, $2::int8, $3::int8, make_interval(secs => $4::float8 / 1000), $5::text, \
+            CASE WHEN $5::text IS NULL THEN NULL ELSE clock_timestamp() END \
+      WHERE EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = $1::int) \
+     ON CONFLICT (mirror_id) DO UPDATE SET delivered = s.delivered + $2::int8, failed = s.failed + $3::int8, \
+         last_lag = CASE WHEN $2::int8 > 0 THEN excluded.last_lag ELSE s.last_lag END, \
+         last_error = coalesce(excluded.last_error, s.last_error), \
+         last_error_at = coalesce(excluded.last_error_at, s.last_error_at)";
 
 /// Error replies that say "not now" rather than "never".
 fn transient(reply: &str) -> bool {

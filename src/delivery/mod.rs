@@ -5,6 +5,7 @@
 pub mod after_failover;
 pub mod commit_wait;
 pub mod deliver;
+mod queue_delete;
 mod queue_read;
 pub mod sync_mode;
 pub mod versioned;

@@ -19,8 +19,7 @@ pub struct Raw {
     pub ev: Option<String>,
     pub old_key: Option<String>,
     pub xid: String,
-    /// "(block,offset)", as tid's output function writes it.
-    pub ctid: String,
+    pub tid: super::queue_delete::Tid,
 }
 
 /// The oldest `max` queued changes in id order, or with `after` (first id, last id, count of a
@@ -133,7 +132,7 @@ unsafe fn scan(
             ev: chr(5),
             old_key: text(6),
             xid: ((*values.add(7)).value() as u64).to_string(),
-            ctid: format!("({block},{})", { tid.ip_posid }),
+            tid: (block, tid.ip_posid),
         });
         pg_sys::MemoryContextSwitchTo(old);
         pg_sys::MemoryContextReset(cxt);
