@@ -1250,6 +1250,26 @@ def test_monitoring_role_reads_views(m):
 # Backfill
 
 
+def test_backfill_finishes_once_a_lock_on_its_mirror_is_released(m):
+    """The last step of a backfill marks the mirror active; while another transaction holds the
+    mirror's catalog row it cannot, and must try again later rather than leave the mirror
+    'backfilling' for good."""
+    m.table("mx_bflock", "id int PRIMARY KEY, v text", "SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    m.conn.execute("SELECT redis_mirror('mx_bflock')")
+    wait_idle(m.conn, "mx_bflock")
+    m.rc.flushall()
+    with m.connect() as locker:
+        locker.execute("BEGIN")
+        locker.execute("SELECT 1 FROM redis_internal.mirrors WHERE tbl = 'mx_bflock'::regclass FOR KEY SHARE")
+        m.conn.execute("SELECT redis_resync('mx_bflock')")
+        wait_until(lambda: len(scan_keys(m.rc, "mx_bflock:*")) == 100, 10, 0.05, "the resync's rows in Redis")
+        time.sleep(1.5)
+        assert stats(m.conn, "mx_bflock")["state"] == "backfilling"
+        locker.execute("COMMIT")
+    wait_idle(m.conn, "mx_bflock", timeout=10)
+    m.equal("mx_bflock")
+
+
 def test_backfill_of_200k_rows_while_another_session_writes(m):
     n = 200_000
     m.table("mx_bf", "id int PRIMARY KEY, v text, n int, ts timestamptz",

@@ -73,14 +73,20 @@ pub fn step_any() -> Result<bool> {
     })?;
     match next {
         None => Ok(false),
-        Some(id) => step(id).map(|_| true),
+        // A step that waits for a lock: the worker looks again after its idle wait, not at once.
+        Some(id) => step_inner(id).map(|(_, _, waiting)| !waiting),
     }
 }
 
 /// One step of one mirror's backfill: returns (rows queued, done?).
 pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
+    step_inner(mirror_id).map(|(q, done, _)| (q, done))
+}
+
+/// step, and whether it could not go on for a lock another transaction holds.
+fn step_inner(mirror_id: i32) -> Result<(i64, bool, bool)> {
     let Some(m) = catalog::by_id(mirror_id)? else {
-        return Ok((0, true));
+        return Ok((0, true, false));
     };
     let (next, total) = as_role(ext_owner(), false, || {
         Spi::get_two_with_args::<i64, i64>(
@@ -93,7 +99,7 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         })
     })?;
     let (Some(next), Some(total)) = (next, total) else {
-        return Ok((0, true));
+        return Ok((0, true, false));
     };
     let end = (next + BLOCKS_PER_STEP).min(total.max(next + 1));
     // Never wait for the table while holding the backfill's row: a DROP TABLE or a second
@@ -103,7 +109,7 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         Spi::run(&format!("LOCK TABLE {table_sql} IN ROW SHARE MODE NOWAIT"))
     });
     if !matches!(locked, Ok(Ok(()))) {
-        return Ok((0, false));
+        return Ok((0, false, true));
     }
     let mut queued = 0i64;
     let builtin = next < total && m.action == "write" && only_builtin_rendering(&m)?;
@@ -172,8 +178,30 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
         enqueue(&m, changes)?;
     }
     let done = end >= total;
-    as_role(ext_owner(), false, || -> Result<()> {
-        if done {
+    let finished = as_role(ext_owner(), false, || -> Result<bool> {
+        // The mirror's row is skipped when locked (a redis_mirror or resync of it in progress
+        // would wait for this step's backfill row in turn): the backfill then stays, finished,
+        // and the next step tries again, rather than leave the mirror 'backfilling' forever.
+        let activated = done
+            && match Spi::get_one_with_args::<i32>(
+                "UPDATE redis_internal.mirrors SET state = 'active' \
+                  WHERE id IN (SELECT id FROM redis_internal.mirrors WHERE id = $1 AND state = 'backfilling' \
+                                  FOR UPDATE SKIP LOCKED) RETURNING id",
+                &[mirror_id.into()],
+            ) {
+                Ok(v) => v.is_some(),
+                Err(pgrx::spi::SpiError::InvalidPosition) => false,
+                Err(e) => return Err(spi_err(e)),
+            };
+        let finished = activated
+            || (done
+                && !crate::spi_read::one::<bool>(
+                    "SELECT EXISTS (SELECT 1 FROM redis_internal.mirrors WHERE id = $1 AND state = 'backfilling')",
+                    &[mirror_id.into()],
+                )
+                .map_err(spi_err)?
+                .unwrap_or(false));
+        if finished {
             // Keep the final figures for redis_stats: a finished backfill covered every row it was
             // scheduled for (rows changed meanwhile went through the triggers); redis_rows counts
             // the rows it queued (inside the filter).
@@ -192,13 +220,6 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
                 &[mirror_id.into()],
             )
             .map_err(spi_err)?;
-            Spi::run_with_args(
-                "UPDATE redis_internal.mirrors SET state = 'active' \
-                  WHERE id IN (SELECT id FROM redis_internal.mirrors WHERE id = $1 AND state = 'backfilling' \
-                                  FOR UPDATE SKIP LOCKED)",
-                &[mirror_id.into()],
-            )
-            .map_err(spi_err)?;
         } else {
             Spi::run_with_args(
                 "UPDATE redis_internal.backfills SET next_block = $2, rows_done = rows_done + $3 WHERE mirror_id = $1",
@@ -206,10 +227,10 @@ pub fn step(mirror_id: i32) -> Result<(i64, bool)> {
             )
             .map_err(spi_err)?;
         }
-        Ok(())
+        Ok(finished)
     })?;
     crate::delivery::wake_at_commit();
-    Ok((queued, done))
+    Ok((queued, finished, done && !finished))
 }
 
 /// A step of a filterless queue- or commit-mode mirror of built-in types, straight to Redis
