@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness import PG_BINDIR, PgCluster, RedisServer  # noqa: E402
 
 PGBENCH = str(PG_BINDIR / "pgbench")
+PG_SHAREDIR = subprocess.run([str(PG_BINDIR / "pg_config"), "--sharedir"], capture_output=True,
+                             text=True).stdout.strip() or "/usr/share/postgresql/15"
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
 ALL_CASES = ["P1", "P1u", "P2", "P3", "P4", "P8", "P5", "P6", "P7"]
 
@@ -61,6 +63,24 @@ BEGIN
   END IF;
   RETURN NULL;
 END $$;
+"""
+
+# What a user might write instead: a row trigger in PL/Python that SETs the row through redis-py
+# (one connection per backend, kept in SD). Not transactional: it sends before COMMIT, also for
+# a transaction that then rolls back.
+PLPY_DDL = """
+CREATE OR REPLACE FUNCTION redis_py_capture() RETURNS trigger LANGUAGE plpython3u AS $$
+r = SD.get("r")
+if r is None:
+    import json, redis
+    r = SD["r"] = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
+    SD["dumps"] = json.dumps
+if TD["event"] == "DELETE":
+    r.delete("%s:%s" % (TD["table_name"], TD["old"]["id"]))
+else:
+    r.set("%s:%s" % (TD["table_name"], TD["new"]["id"]), SD["dumps"](TD["new"], default=str))
+return None
+$$;
 """
 
 
@@ -166,6 +186,11 @@ class Bench:
         self.conn = self.pg.connect()
         self.conn.execute("CREATE EXTENSION pg_redis")
         self.conn.execute(OUTBOX_DDL)
+        # The comparison trigger in PL/Python (scripts/bench installs it; skipped without it).
+        self.plpython = Path(PG_SHAREDIR, "extension", "plpython3u.control").exists()
+        if self.plpython:
+            self.conn.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
+            self.conn.execute(PLPY_DDL.replace("REDIS_PORT", str(self.redis.port)))
         self.r = self.redis.client()
         self.wait(lambda: self.one("SELECT worker_pid FROM redis_worker_info()"), 30, "the worker")
 
@@ -264,7 +289,7 @@ class Bench:
         return vals[0] if vals else float(re.findall(r"p50=([\d.]+) msec", out)[-1])
 
     # -- tables
-    def make_table(self, name, mirror=None, outbox=False, rows=0):
+    def make_table(self, name, mirror=None, outbox=False, rows=0, plpy=False):
         """A users-like table; mirror: None (plain) or the mode ('queue', 'commit')."""
         self.ex(f"DROP TABLE IF EXISTS {name}")
         self.ex(f"CREATE TABLE {name} {ROW_DDL}")
@@ -275,6 +300,9 @@ class Bench:
         if outbox:
             self.ex(f"CREATE TRIGGER {name}_outbox AFTER INSERT OR UPDATE OR DELETE ON {name} "
                     f"FOR EACH ROW EXECUTE FUNCTION outbox_capture()")
+        if plpy:
+            self.ex(f"CREATE TRIGGER {name}_plpy AFTER INSERT OR UPDATE OR DELETE ON {name} "
+                    f"FOR EACH ROW EXECUTE FUNCTION redis_py_capture()")
         if mirror:
             self.ex(f"SELECT redis_mirror('{name}', mode => '{mirror}')")
         return name
@@ -304,6 +332,8 @@ def case_p1(b: Bench):
                   "outbox": b.make_table("p1_outbox", outbox=True)}
         if sc == "on":
             tables.pop("outbox")
+        elif b.plpython:
+            tables["plpython"] = b.make_table("p1_plpy", plpy=True)
         res = {k: [] for k in tables}
         lat = {k: [] for k in tables}
         for pair in range(b.pairs):
@@ -325,6 +355,10 @@ def case_p1(b: Bench):
             b.add(Row("P1 outbox", "same, PL/pgSQL AFTER ROW trigger inserting row_to_json(NEW) into an "
                       "outbox table (never consumed)", "same table unmirrored", "tps",
                       res["plain"], res["outbox"], goal="(~0.72 per the issue)"))
+        if "plpython" in res:
+            b.add(Row("P1 plpython", "same, PL/Python AFTER ROW trigger SETting the row (json.dumps) through "
+                      "redis-py, one connection per backend (sends before COMMIT, also on rollback)",
+                      "same table unmirrored", "tps", res["plain"], res["plpython"], goal="(comparison)"))
         row.extra["tables"] = list(tables)
     case_p1_app(b)
 
@@ -1085,7 +1119,6 @@ HOW = [
     "- **P7**: `redis_mirror` on a filled table (1M rows; 200k with --quick), timed until the mirror "
     "is active and the queue empty, vs `COPY (SELECT row_to_json(t) FROM t) TO '/dev/null'`; the "
     "worker's private memory (RssAnon) is sampled every 0.1 s.",
-    "- Not measured: a PL/Python trigger calling redis-py (plpython3u is not installed here).",
 ]
 
 
