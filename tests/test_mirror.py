@@ -1397,3 +1397,25 @@ def test_zz_no_worker_errors_or_crashes_in_the_server_log(pg):
             more = [x.strip()[:200] for x in lines[i + 1:i + 4] if ("DETAIL:" in x or "CONTEXT:" in x) and "pgrx" not in x]
             bad.append(" | ".join([line[:300], *more]))
     assert not bad, f"{len(bad)} worrying server log lines, e.g.:\n" + "\n".join(bad[:10])
+
+
+def test_an_index_a_dba_adds_to_the_queue_is_maintained(m):
+    """Capture writes queue rows directly only while the queue's indexes are plain ones it can
+    maintain; with an expression or partial index added it queues through SQL (no crash, the
+    index kept right)."""
+    m.table("mx_qidx", "id int PRIMARY KEY, v text")
+    m.conn.execute("SELECT redis_mirror('mx_qidx')")
+    m.extra_sql.append("DROP INDEX IF EXISTS redis_internal.queue_lower_key")
+    m.extra_sql.append("DROP INDEX IF EXISTS redis_internal.queue_failed")
+    m.conn.execute("CREATE INDEX queue_lower_key ON redis_internal.queue (lower(key))")
+    m.conn.execute("CREATE INDEX queue_failed ON redis_internal.queue (id) WHERE attempts > 0")
+    m.conn.execute("INSERT INTO mx_qidx SELECT g, 'v' || g FROM generate_series(1, 50) g")
+    m.conn.execute("UPDATE mx_qidx SET v = 'w' WHERE id <= 10")
+    wait_idle(m.conn, "mx_qidx")
+    m.equal("mx_qidx")
+    # the expression index holds what it should: the queue is empty again, and a query using it works
+    assert one(m.conn, "SELECT count(*) FROM redis_internal.queue WHERE lower(key) = 'mx_qidx:1'") == 0
+    m.conn.execute("DROP INDEX redis_internal.queue_lower_key, redis_internal.queue_failed")
+    m.conn.execute("INSERT INTO mx_qidx VALUES (51, 'after')")
+    wait_idle(m.conn, "mx_qidx")
+    m.equal("mx_qidx")

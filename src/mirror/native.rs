@@ -104,7 +104,9 @@ pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation
         .collect();
     with_some_render_settings(&settings, || {
         as_role_only(ext_owner(), true, || unsafe {
-            let mut w = Writer::open(queue, seq, m.id)?;
+            let Some(mut w) = Writer::open(queue, seq, m.id)? else {
+                return Ok(None);
+            };
             let r = match op {
                 PgTriggerOperation::Insert => {
                     let (op, json) = if m.action == "write" {
@@ -326,7 +328,9 @@ struct Writer {
 }
 
 impl Writer {
-    unsafe fn open(queue: pg_sys::Oid, seq: pg_sys::Oid, mirror_id: i32) -> Res<Writer> {
+    /// None when an index on the queue is one the catalog-style insert cannot maintain (an
+    /// expression, partial, exclusion or deferred one a DBA added): the SQL path queues then.
+    unsafe fn open(queue: pg_sys::Oid, seq: pg_sys::Oid, mirror_id: i32) -> Res<Option<Writer>> {
         let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as i32);
         if !queue_laid_out(rel) {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as i32);
@@ -334,16 +338,31 @@ impl Writer {
                 "capturing a change: redis_internal.queue does not have the columns of this version of pg_redis (ALTER EXTENSION pg_redis UPDATE)".into(),
             ));
         }
-        Ok(Writer {
+        let indexes = pg_sys::CatalogOpenIndexes(rel);
+        let n = (*indexes).ri_NumIndices.max(0) as usize;
+        let plain = (0..n).all(|i| {
+            let info = *(*indexes).ri_IndexRelationInfo.add(i);
+            let index = *(*indexes).ri_IndexRelationDescs.add(i);
+            (*info).ii_Expressions.is_null()
+                && (*info).ii_Predicate.is_null()
+                && (*info).ii_ExclusionOps.is_null()
+                && (*(*index).rd_index).indimmediate
+        });
+        if !plain {
+            pg_sys::CatalogCloseIndexes(indexes);
+            pg_sys::table_close(rel, pg_sys::RowExclusiveLock as i32);
+            return Ok(None);
+        }
+        Ok(Some(Writer {
             rel,
-            indexes: pg_sys::CatalogOpenIndexes(rel),
+            indexes,
             seq,
             mirror_id,
             xid: pg_sys::GetTopFullTransactionId().value,
             first: None,
             last: None,
             count: 0,
-        })
+        }))
     }
 
     unsafe fn insert(
