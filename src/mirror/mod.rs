@@ -6,6 +6,7 @@ pub mod backfill;
 pub mod capture;
 pub mod catalog;
 pub mod context;
+pub mod json_row;
 pub mod native;
 pub mod template;
 pub mod validate;

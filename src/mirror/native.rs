@@ -11,6 +11,7 @@
 
 use super::catalog::Mirror;
 use super::context::{as_role_only, ext_owner, with_some_render_settings};
+use super::json_row::RowJson;
 use super::template::Part;
 use crate::error::Error;
 use pgrx::pg_sys;
@@ -77,7 +78,8 @@ enum KeyPart {
     Lit(String),
     Col {
         attnum: usize,
-        output: pg_sys::Oid,
+        /// The type's output function, looked up once per statement (palloc'd in its context).
+        output: *mut pg_sys::FmgrInfo,
         name: String,
     },
 }
@@ -107,16 +109,22 @@ pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation
             let Some(mut w) = Writer::open(queue, seq, m.id)? else {
                 return Ok(None);
             };
+            // Looked up once for the statement, not per row as row_to_json does.
+            let mut json = RowJson::new((*rel).rd_att);
             let r = match op {
                 PgTriggerOperation::Insert => {
-                    let (op, json) = if m.action == "write" {
+                    let (op, write) = if m.action == "write" {
                         (b's', true)
                     } else {
                         (b'd', false)
                     };
                     each_row(td, (*td).tg_newtable, false, |slot| {
                         let k = render_key(&key, slot, m)?;
-                        let p = if json { Some(row_json(slot)) } else { None };
+                        let p = if write {
+                            Some(row_json(&mut json, slot))
+                        } else {
+                            None
+                        };
                         w.insert(op, &k, p, None)
                     })
                 }
@@ -124,7 +132,7 @@ pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation
                     let k = render_key(&key, slot, m)?;
                     w.insert(b'd', &k, None, None)
                 }),
-                _ => update(m, td, &key, &mut w),
+                _ => update(m, td, &key, &mut json, &mut w),
             };
             let done = w.close();
             r.map(|_| Some(done))
@@ -140,6 +148,7 @@ unsafe fn update(
     m: &Mirror,
     td: *mut pg_sys::TriggerData,
     key: &[KeyPart],
+    json: &mut Option<RowJson>,
     w: &mut Writer,
 ) -> Res<()> {
     let mut old = Vec::new();
@@ -152,7 +161,11 @@ unsafe fn update(
     // The payloads stay in memory until written below (few rows come here).
     each_row(td, (*td).tg_newtable, true, |slot| {
         let k = render_key(key, slot, m)?;
-        let p = if write { Some(row_json(slot)) } else { None };
+        let p = if write {
+            Some(row_json(json, slot))
+        } else {
+            None
+        };
         new.push((k, p));
         Ok(())
     })?;
@@ -206,10 +219,16 @@ fn key_parts(m: &Mirror, desc: pg_sys::TupleDesc) -> Res<Option<Vec<KeyPart>>> {
                 };
                 let mut output = pg_sys::InvalidOid;
                 let mut varlena = false;
-                unsafe { pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena) };
+                let finfo = unsafe {
+                    pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena);
+                    let f = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>())
+                        as *mut pg_sys::FmgrInfo;
+                    pg_sys::fmgr_info(output, f);
+                    f
+                };
                 parts.push(KeyPart::Col {
                     attnum,
-                    output,
+                    output: finfo,
                     name: c,
                 });
             }
@@ -273,8 +292,12 @@ unsafe fn each_row(
     r
 }
 
-/// The row as `row_to_json` renders it (a json datum, which is text's representation).
-unsafe fn row_json(slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+/// The row as `row_to_json` renders it (a json datum, which is text's representation): by the
+/// statement's renderer, or by row_to_json itself for the columns it renders by recursion.
+unsafe fn row_json(json: &mut Option<RowJson>, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+    if let Some(j) = json {
+        return j.render(slot);
+    }
     let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
     pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, row)
 }
@@ -306,7 +329,7 @@ unsafe fn render_key(
                         )
                     );
                 }
-                let s = pg_sys::OidOutputFunctionCall(*output, *(*slot).tts_values.add(i));
+                let s = pg_sys::OutputFunctionCall(*output, *(*slot).tts_values.add(i));
                 key.push_str(&CStr::from_ptr(s).to_string_lossy());
             }
         }
