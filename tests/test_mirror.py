@@ -667,7 +667,7 @@ def test_json_text_is_row_to_json_byte_for_byte(m):
 
 
 def test_schema_changes_between_statements_of_one_session(m):
-    """Capture keeps its statements prepared per session: a column added, dropped or retyped
+    """Capture keeps its statements and renderers per session: a column added, dropped, retyped or renamed
     between two writes of the same session must show in the next change's JSON."""
     m.table("mx_alter", "id int PRIMARY KEY, v text, n int")
     one(m.conn, "SELECT redis_mirror('mx_alter')")
@@ -688,6 +688,11 @@ def test_schema_changes_between_statements_of_one_session(m):
                what="the dropped and retyped columns in the next INSERT's JSON")
     wait_until(lambda: m.get("mx_alter:1") == {"id": 1, "n": 3, "extra": "x"}, 5,
                what="the dropped and retyped columns in the next UPDATE's JSON")
+    # a rename keeps every column's type: the next change still carries the new name
+    m.conn.execute("ALTER TABLE mx_alter RENAME COLUMN extra TO renamed")
+    m.conn.execute("INSERT INTO mx_alter VALUES (12, 4.5, 'w')")
+    wait_until(lambda: m.get("mx_alter:12") == {"id": 12, "n": 4.5, "renamed": "w"}, 5,
+               what="the renamed column in the next INSERT's JSON")
     m.conn.execute("DELETE FROM mx_alter WHERE id = 2")
     # keys of rows not written since keep their old shape until their row changes (docs)
     m.conn.execute("UPDATE mx_alter SET n = n")

@@ -1,12 +1,13 @@
-//! The row as `row_to_json` renders it, with the per-column work done once per statement.
+//! The row as `row_to_json` renders it, with the per-column work done once, not per row.
 //!
 //! `row_to_json` looks up, for every row, the row type's descriptor and, for every column, its
 //! base type, JSON category and output function (syscache lookups and an `fmgr_info` each): a
 //! fifth of the backend's time in a bulk INSERT into a mirrored table (bench/profile.py bulk).
-//! Here they are looked up once per captured statement and each row only runs the output
-//! functions and PostgreSQL's own `escape_json` / `JsonEncodeDateTime`, in the order and with
-//! the rules of `composite_to_json` / `datum_to_json` (PostgreSQL 15, utils/adt/json.c), so the
-//! text is the same byte for byte (tests/test_json_render.py compares them). Columns that
+//! Here they are looked up once (native.rs keeps the renderer per table until the table's
+//! mirror or columns change) and each row only runs the output functions and PostgreSQL's own
+//! `escape_json` / `JsonEncodeDateTime`, in the order and with the rules of `composite_to_json` /
+//! `datum_to_json` (PostgreSQL 15, utils/adt/json.c), so the text is the same byte for byte
+//! (tests/test_mirror.py, test_json_text_is_row_to_json_byte_for_byte). Columns that
 //! `row_to_json` renders by recursion (arrays, composites) are left to it: `new` says None.
 
 use pgrx::pg_sys;

@@ -16,8 +16,10 @@ use super::template::Part;
 use crate::error::Error;
 use pgrx::pg_sys;
 use pgrx::PgTriggerOperation;
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
+use std::rc::{Rc, Weak};
 
 type Res<T> = std::result::Result<T, Error>;
 
@@ -78,7 +80,7 @@ enum KeyPart {
     Lit(String),
     Col {
         attnum: usize,
-        /// The type's output function, looked up once per statement (palloc'd in its context).
+        /// The type's output function, looked up once (palloc'd in the Prepared's context).
         output: *mut pg_sys::FmgrInfo,
         name: String,
     },
@@ -87,15 +89,113 @@ enum KeyPart {
 /// (first id, last id, count) of the queued changes; None: not handled here (nothing was done).
 pub type Queued = Option<(Option<i64>, Option<i64>, i64)>;
 
+/// What capture looks up once and keeps per table in the backend: the key's parts and the row
+/// renderer, with their output functions. A change of the mirror or any DDL on the table
+/// invalidates the table's relcache entry, which gives the table a new `Mirror` (catalog.rs):
+/// the entry is then built anew.
+struct Prepared {
+    mirror: Weak<Mirror>,
+    /// The column types it was built for (checked again on every statement).
+    types: Vec<pg_sys::Oid>,
+    key: Vec<KeyPart>,
+    json: Option<RowJson>,
+    /// Holds the output functions' FmgrInfo and the renderer's buffer.
+    cxt: pg_sys::MemoryContext,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        unsafe { pg_sys::MemoryContextDelete(self.cxt) };
+    }
+}
+
+thread_local! {
+    static PREPARED: RefCell<HashMap<pg_sys::Oid, Prepared>> = RefCell::new(HashMap::new());
+}
+
+unsafe fn column_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
+    let natts = (*desc).natts as usize;
+    (*desc)
+        .attrs
+        .as_slice(natts)
+        .iter()
+        .map(|a| {
+            if a.attisdropped {
+                pg_sys::InvalidOid
+            } else {
+                a.atttypid
+            }
+        })
+        .collect()
+}
+
+/// The table's kept Prepared (taken out of the cache while a statement uses it), or a new one;
+/// None when the key template names a column the table lacks (the SQL path reports it).
+unsafe fn prepared(m: &Rc<Mirror>, rel: pg_sys::Relation) -> Res<Option<Prepared>> {
+    let relid = (*rel).rd_id;
+    let types = column_types((*rel).rd_att);
+    let kept = PREPARED.with(|c| c.borrow_mut().remove(&relid));
+    if let Some(p) = kept {
+        if std::ptr::eq(p.mirror.as_ptr(), Rc::as_ptr(m)) && p.types == types {
+            return Ok(Some(p));
+        }
+    }
+    let cxt = pg_sys::AllocSetContextCreateInternal(
+        pg_sys::TopMemoryContext,
+        c"pg_redis capture".as_ptr(),
+        pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+        pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+    );
+    // Owned from here: an error below deletes the context with it.
+    let mut p = Prepared {
+        mirror: Rc::downgrade(m),
+        types,
+        key: Vec::new(),
+        json: None,
+        cxt,
+    };
+    let old = pg_sys::MemoryContextSwitchTo(cxt);
+    let key = key_parts(m, (*rel).rd_att);
+    let json = key.as_ref().ok().and_then(|_| RowJson::new((*rel).rd_att));
+    pg_sys::MemoryContextSwitchTo(old);
+    let Some(key) = key? else {
+        return Ok(None);
+    };
+    p.key = key;
+    p.json = json;
+    Ok(Some(p))
+}
+
 /// Capture the statement's changes into the queue. The caller checked `handles`.
-pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation) -> Res<Queued> {
+pub fn capture(
+    m: &Rc<Mirror>,
+    td: *mut pg_sys::TriggerData,
+    op: &PgTriggerOperation,
+) -> Res<Queued> {
     let Some((queue, seq)) = queue_relations() else {
         return Ok(None);
     };
     let rel = unsafe { (*td).tg_relation };
-    let Some(key) = key_parts(m, unsafe { (*rel).rd_att })? else {
+    let Some(mut p) = (unsafe { prepared(m, rel)? }) else {
         return Ok(None);
     };
+    let r = capture_prepared(m, &mut p, td, op, queue, seq);
+    let relid = unsafe { (*rel).rd_id };
+    PREPARED.with(|c| c.borrow_mut().insert(relid, p));
+    r
+}
+
+fn capture_prepared(
+    m: &Mirror,
+    p: &mut Prepared,
+    td: *mut pg_sys::TriggerData,
+    op: &PgTriggerOperation,
+    queue: pg_sys::Oid,
+    seq: pg_sys::Oid,
+) -> Res<Queued> {
+    let key = &p.key;
+    let json = &mut p.json;
     // Output functions of timestamps, floats, bytea, intervals depend on these settings; the
     // path and string settings only matter to SQL, and none runs here.
     let settings: Vec<(&str, &str)> = m
@@ -109,8 +209,6 @@ pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation
             let Some(mut w) = Writer::open(queue, seq, m.id)? else {
                 return Ok(None);
             };
-            // Looked up once for the statement, not per row as row_to_json does.
-            let mut json = RowJson::new((*rel).rd_att);
             let r = match op {
                 PgTriggerOperation::Insert => {
                     let (op, write) = if m.action == "write" {
@@ -119,9 +217,9 @@ pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation
                         (b'd', false)
                     };
                     each_row(td, (*td).tg_newtable, false, |slot| {
-                        let k = render_key(&key, slot, m)?;
+                        let k = render_key(key, slot, m)?;
                         let p = if write {
-                            Some(row_json(&mut json, slot))
+                            Some(row_json(json, slot))
                         } else {
                             None
                         };
@@ -129,10 +227,10 @@ pub fn capture(m: &Mirror, td: *mut pg_sys::TriggerData, op: &PgTriggerOperation
                     })
                 }
                 PgTriggerOperation::Delete => each_row(td, (*td).tg_oldtable, false, |slot| {
-                    let k = render_key(&key, slot, m)?;
+                    let k = render_key(key, slot, m)?;
                     w.insert(b'd', &k, None, None)
                 }),
-                _ => update(m, td, &key, &mut json, &mut w),
+                _ => update(m, td, key, json, &mut w),
             };
             let done = w.close();
             r.map(|_| Some(done))
@@ -338,13 +436,15 @@ unsafe fn render_key(
 }
 
 /// Inserts queue rows as the queue's owner would through SQL: ids from the queue's sequence,
-/// the writing transaction's id, the clock's time.
+/// the writing transaction's id, the clock's time when the statement's capture began.
 struct Writer {
     rel: pg_sys::Relation,
     indexes: pg_sys::CatalogIndexState,
     seq: pg_sys::Oid,
     mirror_id: i32,
     xid: u64,
+    /// queued_at of the statement's rows: the clock read once (the rows become visible together).
+    now: pg_sys::TimestampTz,
     first: Option<i64>,
     last: Option<i64>,
     count: i64,
@@ -382,6 +482,7 @@ impl Writer {
             seq,
             mirror_id,
             xid: pg_sys::GetTopFullTransactionId().value,
+            now: pg_sys::GetCurrentTimestamp(),
             first: None,
             last: None,
             count: 0,
@@ -413,7 +514,7 @@ impl Writer {
             none,
             old_key.map_or(none, |k| pg_sys::Datum::from(text(k))),
             pg_sys::Datum::from(self.xid as i64),
-            pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
+            pg_sys::Datum::from(self.now),
             0i32.into_datum().unwrap_or(none),
             none,
         ];
