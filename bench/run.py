@@ -172,7 +172,11 @@ class Bench:
         self.rows: list[Row] = []
         self.plots: dict = {}
         log("starting redis-server and PostgreSQL 15 (fsync on, synchronous_commit off)")
-        self.redis = RedisServer()
+        # Also on a unix socket: P5 and P6 measure the readers over both.
+        # (in the work directory, which the server's postgres user must be able to traverse)
+        workdir.chmod(0o755)
+        self.redis_sock = str(workdir / "redis.sock")
+        self.redis = RedisServer(extra_args=["--unixsocket", self.redis_sock, "--unixsocketperm", "777"])
         self.pg = PgCluster(fsync=True, conf_lines=[
             f"pg_redis.url = '{self.redis.url}'",
             "synchronous_commit = off",
@@ -275,8 +279,9 @@ class Bench:
             raise RuntimeError(f"pgbench {name}: failed transactions:\n{p.stdout}")
         return out
 
-    def redis_benchmark(self, *args) -> str:
-        cmd = [REDIS_BENCHMARK, "-h", "127.0.0.1", "-p", str(self.redis.port), *args]
+    def redis_benchmark(self, *args, unix=False) -> str:
+        where = ["-s", self.redis_sock] if unix else ["-h", "127.0.0.1", "-p", str(self.redis.port)]
+        cmd = [REDIS_BENCHMARK, *where, *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if p.returncode != 0:
             raise RuntimeError(f"redis-benchmark failed: {p.stdout}\n{p.stderr}")
@@ -667,23 +672,36 @@ def case_p5(b: Bench):
     pipe.execute()
     scripts = {"table": "\\set i random(1, %d)\nSELECT v FROM kv WHERE k = 'key:' || :i;\n" % n,
                "redis_get": "\\set i random(1, %d)\nSELECT redis_get('key:' || :i);\n" % n}
-    res = {k: [] for k in scripts}
-    ceiling = []
+    # The same redis_get with pg_redis.url on Redis' unix socket (a Redis on the same host).
+    unix_opts = f"-c pg_redis.url=unix://{b.redis_sock}"
+    variants = ["table", "redis_get", "redis_get_unix"]
+    res = {k: [] for k in variants}
+    ceiling, ceiling_unix = [], []
     for pair in range(b.pairs):
-        for v in order(pair, list(scripts)):
-            out = b.pgbench(f"p5_{v}", scripts[v])
+        for v in order(pair, variants):
+            if v == "redis_get_unix":
+                out = b.pgbench("p5_unix", scripts["redis_get"], pgoptions=unix_opts)
+            else:
+                out = b.pgbench(f"p5_{v}", scripts[v])
             res[v].append(out["tps"])
             log(f"P5 pair {pair} {v}: {out['tps']:.0f} tps")
         # Redis alone, two clients without pipelining: what any one-round-trip-per-call reader
         # (redis_get, or an application) can reach here at most.
-        out = b.redis_benchmark("-c", "2", "-n", "200000", "-r", str(n), "-t", "get", "-q")
-        ceiling.append(float(re.findall(r"GET: ([\d.]+) requests per second", out)[-1]))
-        log(f"P5 pair {pair} redis-benchmark -c 2 GET: {ceiling[-1]:.0f} rps")
+        for unix, into in ((False, ceiling), (True, ceiling_unix)):
+            out = b.redis_benchmark("-c", "2", "-n", "200000", "-r", str(n), "-t", "get", "-q", unix=unix)
+            into.append(float(re.findall(r"GET: ([\d.]+) requests per second", out)[-1]))
+            log(f"P5 pair {pair} redis-benchmark -c 2 GET (unix socket: {unix}): {into[-1]:.0f} rps")
     b.add(Row("P5", "`SELECT redis_get('key:' || $1)`, pgbench -c 2 -M prepared, 100k keys",
               "`SELECT v FROM kv WHERE k = $1` (PK lookup)", "tps", res["table"], res["redis_get"],
               goal="≥ 0.8", goal_check=lambda r: r.ratio() >= 0.8))
+    b.add(Row("P5 unix", "same, `pg_redis.url` on Redis' unix socket (`unix:///...`)",
+              "`SELECT v FROM kv WHERE k = $1` (PK lookup)", "tps", res["table"], res["redis_get_unix"],
+              goal="(≥ 0.8)", goal_check=lambda r: r.ratio() >= 0.8))
     b.add(Row("P5 ceiling", "Redis alone: `redis-benchmark -c 2 -t get` (no PostgreSQL), requests/s",
               "`SELECT v FROM kv WHERE k = $1` (PK lookup)", "tps", res["table"], ceiling,
+              goal="(bound)"))
+    b.add(Row("P5 ceiling unix", "same over the unix socket (`redis-benchmark -s`)",
+              "`SELECT v FROM kv WHERE k = $1` (PK lookup)", "tps", res["table"], ceiling_unix,
               goal="(bound)"))
     b.ex("DROP TABLE kv")
     b.r.flushall()
@@ -698,10 +716,14 @@ def case_p6(b: Bench):
     m0 = b.one("SELECT misses FROM redis_stats WHERE mirror = 'p6'::regclass")
     scripts = {"table": "\\set id random(1, %d)\nSELECT row_to_json(p6) FROM p6 WHERE id = :id;\n" % n,
                "redis_fetch": "\\set id random(1, %d)\nSELECT redis_fetch('p6', :id);\n" % n}
-    res = {k: [] for k in scripts}
+    variants = ["table", "redis_fetch", "redis_fetch_unix"]
+    res = {k: [] for k in variants}
     for pair in range(b.pairs):
-        for v in order(pair, list(scripts)):
-            out = b.pgbench(f"p6_{v}", scripts[v])
+        for v in order(pair, variants):
+            if v == "redis_fetch_unix":
+                out = b.pgbench("p6_unix", scripts["redis_fetch"], pgoptions=f"-c pg_redis.url=unix://{b.redis_sock}")
+            else:
+                out = b.pgbench(f"p6_{v}", scripts[v])
             res[v].append(out["tps"])
             log(f"P6 pair {pair} {v}: {out['tps']:.0f} tps")
     hits = b.one("SELECT hits FROM redis_stats WHERE mirror = 'p6'::regclass") - h0
@@ -709,6 +731,9 @@ def case_p6(b: Bench):
     b.add(Row("P6", "`SELECT redis_fetch('p6', $1)` (all hits), pgbench -c 2 -M prepared, 100k rows",
               "`SELECT row_to_json(p6) FROM p6 WHERE id = $1`", "tps", res["table"], res["redis_fetch"],
               goal="≥ 0.8", goal_check=lambda r: r.ratio() >= 0.8, extra={"hits": hits, "misses": misses}))
+    b.add(Row("P6 unix", "same, `pg_redis.url` on Redis' unix socket (`unix:///...`)",
+              "`SELECT row_to_json(p6) FROM p6 WHERE id = $1`", "tps", res["table"], res["redis_fetch_unix"],
+              goal="(≥ 0.8)", goal_check=lambda r: r.ratio() >= 0.8))
     b.reset_table(t)
     b.ex(f"DROP TABLE {t}")
     b.wait_idle()
