@@ -994,14 +994,15 @@ NOTES = {
               "rest of the statement, the capture trigger and COMMIT).",
 }
 
-PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete)"
+PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process)"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
 LIMITS: dict = {
     "P1": "for a filterless queue/commit-mode mirror of built-in types, capture runs no SQL (fifth "
-          "session): it reads the statement's transition table, renders each row with `row_to_json` and "
-          "the key columns' output functions and inserts the queue row as a heap tuple with its index "
+          "session): it reads the statement's transition table, renders each row as `row_to_json` does "
+          "(eighth session: by its own renderer, the columns' output functions looked up once per table "
+          "and backend, not per row) and the key columns' output functions and inserts the queue row as a heap tuple with its index "
           "entry (other mirrors: one kept `INSERT ... SELECT` plan). With delivery held off (Redis stopped) "
           "the mirrored table ran at ~0.55 of the unmirrored one (the PL/pgSQL outbox trigger at ~0.60-0.64 "
           "on this machine), ~0.45-0.48 with the worker delivering on the same two cores: the rest of the "
@@ -1020,13 +1021,21 @@ LIMITS: dict = {
           "to the worker at COMMIT ~3 %. With Redis stopped (capture only, no delivery) the mirrored "
           "table ran at 0.67 of the unmirrored one against 0.79 for the PL/pgSQL outbox in a quick run: "
           "the queue table's second heap tuple, index entry and WAL record per change are the floor of "
-          "this design, and 0.85 needs capture that writes less than a row per change.",
+          "this design, and 0.85 needs capture that writes less than a row per change. Eighth session "
+          "(perf by process after the own renderer): the worker ~17 % of samples (its queue head index "
+          "scan ~28 % of it), capture's own code under 2 % of the backends; P1 0.45 → 0.47, P1s 0.71 → "
+          "0.77 in a quick run.",
     "P1s": "as P1, on top of the WAL flush per commit (which both sides pay).",
     "P1u": "a one-row UPDATE renders old and new keys in one statement without joins (~20 µs per statement "
            "in a DO loop against ~12 µs unmirrored); the rest as P1.",
-    "P2 insert": "every row is written twice — to the table and, rendered by `row_to_json`, to the queue "
+    "P2 insert": "every row is written twice — to the table and, rendered as JSON, to the queue "
                  "with its index entry and WAL — and the worker delivers on the other core while the "
-                 "statement runs.",
+                 "statement runs. Eighth session: `row_to_json` looked up each column's type category "
+                 "and output function for every row (22 % of the backend's samples); capture now renders "
+                 "the same text byte for byte with those lookups done once (JSON now ~8 %): insert "
+                 "0.31 → 0.35-0.36, COPY 0.21 → 0.30 in quick runs. What is left (perf): the queue row's "
+                 "heap and index insert ~16 % of the backend, nextval ~7 %, WAL ~15 % (both tables); "
+                 "0.5 needs fewer queue tuples than rows (several changes per queue row).",
     "P2 copy": "as P2 insert.",
     "P3": "one process: each batch of `batch_size` (5000) is a transaction that reads the queue head, "
           "sends one pipeline, deletes by TID and flushes the WAL; the next batch is read while Redis runs "
@@ -1034,53 +1043,6 @@ LIMITS: dict = {
           "(261k → 292k changes/s), since the seventh the delivered rows are deleted without SQL too "
           "(heap_delete by TID: 292k → 373k changes/s in two pairs). What is left: the index scan with "
           "heap fetches, heap_delete and its WAL, the worker's own queue VACUUM, the batch's strings.",
-    "P4 p50": "latency = the time a keyspace-notification subscriber (redis-py, same machine) receives "
-              "the key's `set` event minus `clock_timestamp()` taken in the INSERT (so it includes the "
-              "rest of the statement, the capture trigger and COMMIT).",
-}
-
-PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete)"
-
-# One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
-# (perf, call graphs) on this machine and from reading src/ at the measured commit.
-LIMITS: dict = {
-    "P1": "for a filterless queue/commit-mode mirror of built-in types, capture runs no SQL (fifth "
-          "session): it reads the statement's transition table, renders each row with `row_to_json` and "
-          "the key columns' output functions and inserts the queue row as a heap tuple with its index "
-          "entry (other mirrors: one kept `INSERT ... SELECT` plan). With delivery held off (Redis stopped) "
-          "the mirrored table ran at ~0.55 of the unmirrored one (the PL/pgSQL outbox trigger at ~0.60-0.64 "
-          "on this machine), ~0.45-0.48 with the worker delivering on the same two cores: the rest of the "
-          "backend's cost is the statement trigger's transition table and the queue row's heap, index and "
-          "WAL. The worker (perf, fifth session) delivered ~11 changes per step at ~19k tx/s, ~270 µs of "
-          "CPU per step: ~31 % the WAL flush (fdatasync) that must precede the send (nothing a crash could "
-          "lose may reach Redis), ~38 % SPI (queue head — read without SQL since the sixth session —, DELETE by TID, stats), ~16 % the Redis pipeline; "
-          "that is 25-45 % of one of the two cores, taken from the writers. Steps are paced to 1 ms under "
-          "such a stream (fewer flushes: worker CPU 2.25 s → 1.52 s per 5 s run); longer pacing (3 ms, "
-          "6 ms; seventh session) gave no gain beyond noise. Seventh session (perf by process, native "
-          "queue read and delete, ~60k tx/s mirrored): the worker took 18 % of all samples — a quarter "
-          "of it the queue head's index scan with heap fetches, 14 % SPI (the mirror_stats upsert), 10 % "
-          "the WAL flush, 6 % heap_delete —, the two backends 77 %, of which capture was ~21 % "
-          "(row_to_json 6 %, nextval 3.5 %, opening and locking the queue and its index ~3 %, the queue "
-          "row's heap and index insert ~3 %, pgrx's setjmp guard per call ~3 %) and the latch's kill() "
-          "to the worker at COMMIT ~3 %. With Redis stopped (capture only, no delivery) the mirrored "
-          "table ran at 0.67 of the unmirrored one against 0.79 for the PL/pgSQL outbox in a quick run: "
-          "the queue table's second heap tuple, index entry and WAL record per change are the floor of "
-          "this design, and 0.85 needs capture that writes less than a row per change.",
-    "P1s": "as P1, on top of the WAL flush per commit (which both sides pay).",
-    "P1u": "a one-row UPDATE renders old and new keys in one statement without joins (~20 µs per statement "
-           "in a DO loop against ~12 µs unmirrored); the rest as P1.",
-    "P2 insert": "every row is written twice — to the table and, rendered by `row_to_json`, to the queue "
-                 "with its index entry and WAL — and the worker delivers on the other core while the "
-                 "statement runs.",
-    "P2 copy": "as P2 insert.",
-    "P3": "one process: each batch of `batch_size` (5000) is a transaction that reads the queue head, "
-          "sends one pipeline, deletes by TID and flushes the WAL; the next batch is read while Redis runs "
-          "the current pipeline (fourth session). Since the sixth session the head is read without SQL (an "
-          "index scan of the queue's primary key, tuples deformed in Rust: SPI's tuple conversion was a "
-          "sixth of the drain's profile; 1M drain 261k → 292k changes/s, median of 3). What is left is "
-          "flat (perf, sixth session): the DELETE by TID ~18 % (heap_delete, its WAL), the index scan "
-          "with heap fetches ~17 %, the worker's own queue VACUUM ~8 %, memory copies and page faults of "
-          "the batch's strings ~10 %, the WAL flush ~3 %.",
     "P4 p50": "with `synchronous_commit = off` the worker must flush the WAL before sending (nothing a "
               "crash could lose may reach Redis): an fdatasync per batch (0.2–0.9 ms on this disk), plus the "
               "worker's transaction and the pipeline's round trip.",
@@ -1101,7 +1063,8 @@ LIMITS: dict = {
           "PostgreSQL) answered about as many GETs per second as `redis_get` did, far fewer than "
           "PostgreSQL answers PK lookups here, so no reader that makes one round trip per call "
           "reaches 0.8 on these two cores; perf shows ~38 % of the backend in the kernel's task "
-          "switch while it waits for Redis.",
+          "switch while it waits for Redis. Over Redis' unix socket (P5 unix, eighth session) the "
+          "round trip is cheaper: ~+10 %.",
     "P6": "as P5 (one round trip on the backend's own socket; the hit path reads no catalog), then the "
           "JSON is parsed into the jsonb result.",
     "P7": "for a filterless queue/commit-mode mirror of built-in types the backfill goes straight to "
