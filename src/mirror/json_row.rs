@@ -44,7 +44,6 @@ struct Column {
 
 pub struct RowJson {
     columns: Vec<Column>,
-    buf: pg_sys::StringInfo,
 }
 
 impl RowJson {
@@ -57,7 +56,7 @@ impl RowJson {
         let natts = (*desc).natts as usize;
         let attrs = (*desc).attrs.as_slice(natts);
         let mut columns = Vec::with_capacity(natts);
-        let name_buf = pg_sys::makeStringInfo();
+        let name_buf = pg_sys::makeStringInfo(); // the column heads' scratch space
         for (index, a) in attrs.iter().enumerate() {
             if a.attisdropped {
                 continue;
@@ -107,20 +106,27 @@ impl RowJson {
                 output,
             });
         }
-        Some(RowJson {
-            columns,
-            buf: name_buf,
-        })
+        pg_sys::pfree((*name_buf).data.cast());
+        pg_sys::pfree(name_buf.cast());
+        Some(RowJson { columns })
     }
 
     /// The row in the slot (its attributes deformed) as a json datum (text's representation),
-    /// allocated in the current memory context.
+    /// allocated in the current memory context (capture's, reset after each row: no buffer
+    /// outlives the row, however large it was).
     ///
     /// # Safety
     /// `slot` holds a row of the descriptor given to `new`, deformed.
     pub unsafe fn render(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
-        let buf = self.buf;
-        pg_sys::resetStringInfo(buf);
+        let mut text = std::mem::zeroed::<pg_sys::StringInfoData>();
+        let buf: pg_sys::StringInfo = &mut text;
+        pg_sys::initStringInfo(buf);
+        // Room for the varlena header: the buffer becomes the json datum itself, uncopied.
+        pg_sys::appendBinaryStringInfo(
+            buf,
+            [0 as c_char; pg_sys::VARHDRSZ].as_ptr(),
+            pg_sys::VARHDRSZ as c_int,
+        );
         if self.columns.is_empty() {
             pg_sys::appendStringInfoChar(buf, b'{' as c_char);
         }
@@ -141,10 +147,10 @@ impl RowJson {
                     pg_sys::appendBinaryStringInfo(buf, s.as_ptr(), s.count_bytes() as c_int);
                 }
                 Category::DateTime(typid) => {
-                    let mut text = [0 as c_char; pg_sys::MAXDATELEN as usize + 1];
-                    pg_sys::JsonEncodeDateTime(text.as_mut_ptr(), value, typid, std::ptr::null());
+                    let mut date = [0 as c_char; pg_sys::MAXDATELEN as usize + 1];
+                    pg_sys::JsonEncodeDateTime(date.as_mut_ptr(), value, typid, std::ptr::null());
                     pg_sys::appendStringInfoChar(buf, b'"' as c_char);
-                    pg_sys::appendStringInfoString(buf, text.as_ptr());
+                    pg_sys::appendStringInfoString(buf, date.as_ptr());
                     pg_sys::appendStringInfoChar(buf, b'"' as c_char);
                 }
                 Category::Integer | Category::Json => {
@@ -166,6 +172,8 @@ impl RowJson {
             }
         }
         pg_sys::appendStringInfoChar(buf, b'}' as c_char);
-        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len((*buf).data, (*buf).len))
+        let datum = text.data as *mut pg_sys::varlena;
+        pgrx::set_varsize_4b(datum, text.len);
+        pg_sys::Datum::from(datum)
     }
 }

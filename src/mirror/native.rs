@@ -99,7 +99,7 @@ struct Prepared {
     types: Vec<pg_sys::Oid>,
     key: Vec<KeyPart>,
     json: Option<RowJson>,
-    /// Holds the output functions' FmgrInfo and the renderer's buffer.
+    /// Holds the output functions' FmgrInfo (each row's JSON is built in the per-row context).
     cxt: pg_sys::MemoryContext,
 }
 
