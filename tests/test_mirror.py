@@ -666,6 +666,19 @@ def test_json_text_is_row_to_json_byte_for_byte(m):
         assert got[k] == want[k], f"{k}: capture wrote\n  {got[k]!r}\nrow_to_json gives\n  {want[k]!r}"
 
 
+def test_large_rows_render_whole_between_small_ones(m):
+    """Each row's JSON is built in the row's own memory and handed on as the value: a row of
+    megabytes (its escapes making the JSON longer than the text) between small rows of the same
+    statement must reach Redis whole, and the small ones after it unchanged."""
+    m.table("mx_big", "id int PRIMARY KEY, t text")
+    m.conn.execute("SELECT redis_mirror('mx_big')")
+    m.conn.execute("INSERT INTO mx_big SELECT i, CASE WHEN i % 2 = 0 THEN repeat(E'ab\"\\\n', 600000) || i "
+                   "ELSE 'small ' || i END FROM generate_series(1, 5) i")
+    want = dict(m.conn.execute("SELECT 'mx_big:' || id, row_to_json(r)::text FROM mx_big r").fetchall())
+    assert len(want["mx_big:2"]) > 3_000_000
+    wait_until(lambda: all(m.rc.get(k) == v for k, v in want.items()), 20, what="mx_big rows, large and small")
+
+
 def test_schema_changes_between_statements_of_one_session(m):
     """Capture keeps its statements and renderers per session: a column added, dropped, retyped or renamed
     between two writes of the same session must show in the next change's JSON."""
