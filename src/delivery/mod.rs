@@ -24,6 +24,9 @@ pub struct WorkerSlots {
     pub pid: [i32; MAX_WORKERS],
     /// The worker's last attempt to reach Redis failed (commit-mode waits end at once).
     pub down: [bool; MAX_WORKERS],
+    /// The worker is backing off (Redis down or refusing): a commit's wake-up would only make it
+    /// wait again, at the price of a signal and a task switch on the writer's COMMIT.
+    pub pausing: [bool; MAX_WORKERS],
     /// This life of the shared memory: stamped on first use, lost with it at a crash restart.
     pub life: i64,
 }
@@ -49,6 +52,19 @@ pub fn init_preloaded() {
 /// The pid of the worker serving this database, if one runs.
 pub fn worker_pid() -> Option<i32> {
     worker_pid_for(unsafe { pg_sys::MyDatabaseId }.to_u32()).map(|(pid, _)| pid)
+}
+
+/// The worker of this database, unless it is pausing.
+fn worker_to_wake() -> Option<i32> {
+    if !preloaded() {
+        return None;
+    }
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let slots = SLOTS.share();
+    (0..MAX_WORKERS)
+        .find(|&i| slots.db[i] == db && slots.pid[i] != 0)
+        .filter(|&i| !slots.pausing[i])
+        .map(|i| slots.pid[i])
 }
 
 /// (pid, Redis known down) of the worker serving a database.
@@ -109,7 +125,8 @@ unsafe extern "C-unwind" fn xact_callback(
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             if WAKE_PENDING.with(|w| w.replace(false)) {
-                if let Some(pid) = worker_pid() {
+                // A pausing worker looks at the queue when its pause ends, whoever woke it.
+                if let Some(pid) = worker_to_wake() {
                     commit_wait::set_latch_of(pid);
                 }
             }
