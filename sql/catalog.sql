@@ -24,7 +24,8 @@ CREATE TABLE redis_internal.mirrors (
 CREATE TABLE redis_internal.queue (
     id         bigserial PRIMARY KEY,
     mirror_id  int NOT NULL,
-    op         "char" NOT NULL,               -- 's' write the row, 'd' delete the key, 't' delete every key of the layout, 'n' stream event only
+    op         "char" NOT NULL,               -- 's' write the row, 'd' delete the key, 't' delete every key of the layout, 'n' stream event only;
+                                              -- 'S', 'D': several writes or deletes of one statement (key and payload JSON arrays)
     key        text NOT NULL,
     payload    text,                          -- the row as JSON (op 's'; and the event's data with a stream)
     ev         "char",                        -- stream event: 'i' insert, 'u' update, 'd' delete, 't' truncate; NULL: none

@@ -68,6 +68,41 @@ BEGIN
   PERFORM redis_internal.wake_worker();
 END $$;
 
+-- Queue depth counts the changes of packed queue rows (several changes of one statement).
+CREATE OR REPLACE VIEW redis_stats AS
+SELECT m.tbl AS mirror,
+       coalesce(s.delivered, 0) + coalesce(q.depth, 0) + coalesce(d.n, 0) AS captured,
+       coalesce(s.delivered, 0) AS delivered,
+       coalesce(s.failed, 0) AS failed,
+       coalesce(q.depth, 0) AS queue_depth,
+       clock_timestamp() - q.oldest AS oldest_queued_age,
+       s.last_lag,
+       s.last_error,
+       s.last_error_at,
+       coalesce(rt.hits, 0) AS hits,
+       coalesce(rt.misses, 0) AS misses,
+       CASE WHEN coalesce(rt.hits, 0) + coalesce(rt.misses, 0) > 0
+            THEN rt.hits::float8 / (rt.hits + rt.misses) END AS hit_ratio,
+       w.worker_pid,
+       w.worker_state,
+       m.state,
+       coalesce(d.n, 0) AS dead_letters,
+       coalesce(b.rows_done, s.backfill_done) AS backfill_done,
+       coalesce(b.rows_total, s.backfill_total) AS backfill_total,
+       s.redis_rows,
+       s.table_rows
+  FROM redis_internal.mirrors m
+  LEFT JOIN redis_internal.mirror_stats s ON s.mirror_id = m.id
+  -- a packed row ('S', 'D': several changes of one statement) holds a JSON array of keys
+  LEFT JOIN LATERAL (SELECT sum(CASE WHEN qq.op IN ('S', 'D') THEN json_array_length(qq.key::json) ELSE 1 END)::int8 AS depth,
+                            min(queued_at) AS oldest
+                       FROM redis_internal.queue qq WHERE qq.mirror_id = m.id) q ON true
+  LEFT JOIN LATERAL (SELECT count(*) AS n FROM redis_internal.dead_letters dl
+                      WHERE dl.mirror_id = m.id) d ON true
+  LEFT JOIN redis_internal.backfills b ON b.mirror_id = m.id
+  LEFT JOIN redis_read_through_counts() rt ON rt.mirror_id = m.id
+  CROSS JOIN redis_worker_info() w;;
+
 -- Comments on the internal functions and tables (0.2.0 comments every object).
 COMMENT ON FUNCTION redis_internal.register_trigger(oid) IS 'pg_redis internal: register a hand-written capture trigger as a mirror (called by an event trigger)';
 COMMENT ON FUNCTION redis_internal.revalidate(oid) IS 'pg_redis internal: check a mirror again after ALTER TABLE (called by an event trigger)';

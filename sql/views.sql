@@ -31,7 +31,9 @@ SELECT m.tbl AS mirror,
        s.table_rows
   FROM redis_internal.mirrors m
   LEFT JOIN redis_internal.mirror_stats s ON s.mirror_id = m.id
-  LEFT JOIN LATERAL (SELECT count(*) AS depth, min(queued_at) AS oldest
+  -- a packed row ('S', 'D': several changes of one statement) holds a JSON array of keys
+  LEFT JOIN LATERAL (SELECT sum(CASE WHEN qq.op IN ('S', 'D') THEN json_array_length(qq.key::json) ELSE 1 END)::int8 AS depth,
+                            min(queued_at) AS oldest
                        FROM redis_internal.queue qq WHERE qq.mirror_id = m.id) q ON true
   LEFT JOIN LATERAL (SELECT count(*) AS n FROM redis_internal.dead_letters dl
                       WHERE dl.mirror_id = m.id) d ON true

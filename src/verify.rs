@@ -75,7 +75,8 @@ pub(crate) fn verify(relid: pg_sys::Oid, repair: bool) -> Result<Tally> {
     }
     let queued = as_role(ext_owner(), false, || {
         crate::spi_read::one::<i64>(
-            "SELECT count(*) FROM redis_internal.queue WHERE mirror_id = $1",
+            "SELECT coalesce(sum(CASE WHEN op IN ('S', 'D') THEN pg_catalog.json_array_length(key::json) ELSE 1 END), 0)::int8 \
+               FROM redis_internal.queue WHERE mirror_id = $1",
             &[m.id.into()],
         )
     })

@@ -37,7 +37,9 @@ def one(conn, query, params=None):
 
 
 def queue_len(conn):
-    return one(conn, "SELECT count(*) FROM redis_internal.queue")
+    """Changes waiting in the queue (a packed row holds several, see sql/catalog.sql)."""
+    return one(conn, "SELECT coalesce(sum(CASE WHEN op IN ('S', 'D') THEN json_array_length(key::json) "
+                     "ELSE 1 END), 0)::int8 FROM redis_internal.queue")
 
 
 def wait_for_worker(conn, timeout=10.0):

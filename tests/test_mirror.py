@@ -720,7 +720,8 @@ def test_worker_deletes_reach_autovacuum_statistics(m):
     one(m.conn, "SELECT redis_mirror('mx_stat')")
     m.conn.execute("SELECT pg_stat_force_next_flush()")
     before = one(m.conn, "SELECT n_tup_del FROM pg_stat_all_tables WHERE relid = 'redis_internal.queue'::regclass")
-    m.conn.execute("INSERT INTO mx_stat SELECT g, 'x' FROM generate_series(1, 300) g")
+    # one statement per row: a multi-row statement's changes share queue rows (packed)
+    m.conn.execute("DO $$ BEGIN FOR i IN 1..300 LOOP INSERT INTO mx_stat VALUES (i, 'x'); END LOOP; END $$")
     wait_idle(m.conn, "mx_stat")
 
     def counted():
@@ -731,9 +732,10 @@ def test_worker_deletes_reach_autovacuum_statistics(m):
 
 
 def test_worker_vacuums_the_queue_itself(m):
-    """Each delivered change leaves a dead row and index entry at the head of the queue; the
-    worker vacuums the queue itself after 10,000 deliveries (autovacuum comes once a minute at
-    best, and is off here so that only the worker can have done it)."""
+    """Each delivered queue row leaves a dead row and index entry at the head of the queue; the
+    worker vacuums the queue itself after 10,000 of them (autovacuum comes once a minute at best,
+    and is off here so that only the worker can have done it). Rows of ~1 kB: each change gets a
+    queue row of its own (smaller changes of one statement share one)."""
     m.conn.execute("ALTER TABLE redis_internal.queue SET (autovacuum_enabled = off)")
     try:
         m.table("mx_vac", "id int PRIMARY KEY, v text")
@@ -745,8 +747,8 @@ def test_worker_vacuums_the_queue_itself(m):
             return one(m.conn, "SELECT vacuum_count FROM pg_stat_all_tables "
                                "WHERE relid = 'redis_internal.queue'::regclass")
         before = vacuums()
-        for lo in range(1, 60_001, 20_000):
-            m.conn.execute(f"INSERT INTO mx_vac SELECT g, 'x' FROM generate_series({lo}, {lo + 19_999}) g")
+        for lo in range(1, 12_001, 4_000):
+            m.conn.execute(f"INSERT INTO mx_vac SELECT g, repeat('x', 1000) FROM generate_series({lo}, {lo + 3_999}) g")
         wait_idle(m.conn, "mx_vac", timeout=60)
         # one more change after the last batch: the worker looks at its count after each loop
         m.conn.execute("UPDATE mx_vac SET v = 'y' WHERE id = 1")

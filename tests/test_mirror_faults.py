@@ -272,6 +272,63 @@ def test_redis_refusing_writes_dead_letters_then_retry(env):
     assert "OOM" in s["last_error"], f"redis_stats.last_error does not say what Redis answered: {s['last_error']!r}"
 
 
+def test_multi_row_statements_share_queue_rows(env):
+    """The changes of a multi-row INSERT or DELETE share queue rows (packed: op 'S' / 'D'); the
+    status view counts changes, not rows, and every change is delivered once Redis is back."""
+    e = env()
+    c = e.conn
+    c.execute("CREATE TABLE f_pack (id int PRIMARY KEY, v text)")
+    c.execute("SELECT redis_mirror('f_pack')")
+    c.execute("INSERT INTO f_pack VALUES (0, 'first')")
+    wait_until(lambda: e.rc.exists("f_pack:0"), 5, what="first row")
+    e.redis.stop()
+    c.execute("INSERT INTO f_pack SELECT g, 'v' || g FROM generate_series(1, 1000) g")
+    c.execute("DELETE FROM f_pack WHERE id % 3 = 0")                                      # 334 deletes
+    c.execute("INSERT INTO f_pack SELECT g, repeat('x', 5000) FROM generate_series(2001, 2010) g")  # too big to pack
+    c.execute("UPDATE f_pack SET v = 'upd' WHERE id BETWEEN 1 AND 50")                    # 34 updates
+    changes = 1000 + 334 + 10 + 34
+    rows, writes, deletes = c.execute("SELECT count(*), count(*) FILTER (WHERE op = 'S'), "
+                                      "count(*) FILTER (WHERE op = 'D') FROM redis_internal.queue").fetchone()
+    assert writes > 0 and deletes > 0, (rows, writes, deletes)
+    assert rows < changes / 5, f"{rows} queue rows for {changes} changes: multi-row statements were not packed"
+    assert stats(c, "f_pack")["queue_depth"] == changes
+    e.redis.start()
+    e.equal("f_pack", timeout=30)
+    s = wait_idle(c, "f_pack")
+    assert s["queue_depth"] == 0 and s["delivered"] == changes + 1, s
+
+
+def test_packed_row_partly_refused_keeps_only_what_failed(env):
+    """Redis refuses some changes of a packed row (an ACL that allows only some keys): the row
+    keeps only those (a retry never sends again a value a later change replaced), and they become
+    dead letters of their own, which redis_retry delivers once Redis accepts them."""
+    e = env(conf=["pg_redis.max_attempts = 3"])
+    c = e.conn
+    c.execute("CREATE TABLE f_pp (id int PRIMARY KEY, v text)")
+    c.execute("SELECT redis_mirror('f_pp')")
+    e.rc.execute_command("ACL", "SETUSER", "default", "resetkeys", "~f_pp:1*")
+    try:
+        c.execute("INSERT INTO f_pp SELECT g, 'old' FROM generate_series(1, 20) g")
+        wait_until(lambda: e.rc.get("f_pp:1") is not None, 10, what="the allowed keys of the packed row")
+        c.execute("UPDATE f_pp SET v = 'new' WHERE id = 1")
+        wait_until(lambda: loads(e.rc.get("f_pp:1"))["v"] == "new", 10, what="the update of an allowed key")
+        refused = [f"f_pp:{i}" for i in [*range(2, 10), 20]]
+        wait_until(lambda: stats(c, "f_pp")["dead_letters"] == len(refused), 30, 0.1,
+                   what=f"{len(refused)} dead letters after max_attempts = 3")
+        assert loads(e.rc.get("f_pp:1"))["v"] == "new", "a retry of the packed row sent an old value again"
+        dl = c.execute("SELECT key, op, error, attempts FROM redis_dead_letters WHERE mirror = 'f_pp'::regclass "
+                       "ORDER BY key").fetchall()
+        assert sorted(d[0] for d in dl) == sorted(refused), dl
+        assert all(d[1] == "write" and "NOPERM" in d[2] and d[3] == 3 for d in dl), dl
+        assert one(c, "SELECT count(DISTINCT id) FROM redis_internal.dead_letters") == len(refused)
+        assert stats(c, "f_pp")["queue_depth"] == 0
+    finally:
+        e.rc.execute_command("ACL", "SETUSER", "default", "allkeys")
+    assert one(c, "SELECT redis_retry('f_pp')") == len(refused)
+    e.equal("f_pp")
+    assert loads(e.rc.get("f_pp:1"))["v"] == "new"
+
+
 def test_dead_letter_retry_does_not_regress_a_key(env):
     """A dead letter holds an old value; a retry after the row changed must not put it back."""
     e = env(conf=["pg_redis.max_attempts = 1"])

@@ -45,6 +45,8 @@ struct Queued {
     /// Where the row is: delivered rows are deleted by TID (one deliverer at a time, so the
     /// rows cannot move meanwhile), much cheaper than an index probe per id.
     tid: super::queue_delete::Tid,
+    /// One of the changes of a packed queue row (they share its id and TID, and come together).
+    packed: bool,
 }
 
 /// What delivery needs of a mirror. None: the mirror is gone (its changes still delete).
@@ -214,7 +216,7 @@ fn deliver_inner(max: usize, rounds_max: usize, wait_for_lock: bool) -> Result<O
             let after = (
                 batch.first().map_or(0, |q| q.id),
                 batch.last().map_or(0, |q| q.id),
-                batch.len() as i64,
+                queue_rows(&batch) as i64,
             );
             let slot = &mut next;
             let mut meanwhile: crate::redis::Meanwhile =
@@ -235,7 +237,13 @@ fn deliver_inner(max: usize, rounds_max: usize, wait_for_lock: bool) -> Result<O
     Ok(total)
 }
 
-/// The oldest `max` queued changes, in id order; `after` (first id, last id, count): read while
+/// The number of queue rows the batch's changes come from (a packed row's are adjacent).
+fn queue_rows(batch: &[Queued]) -> usize {
+    batch.windows(2).filter(|w| w[0].id != w[1].id).count() + usize::from(!batch.is_empty())
+}
+
+/// The oldest `max` queued changes, in id order; `after` (first id, last id, count of queue
+/// rows): read while
 /// that batch is still in the queue, being sent — the changes after it. None then when a change
 /// with a smaller id than its last committed since that batch was read (the queue's first id is
 /// smaller than the batch's, or its range holds more): a later change of that key could be in
@@ -273,6 +281,7 @@ fn read_batch(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<Vec<Q
             old_key: r.old_key,
             xid: r.xid,
             tid: r.tid,
+            packed: r.packed,
             mirror,
         });
     }
@@ -314,24 +323,39 @@ fn read_batch_sql(max: usize, after: Option<(i64, i64, i64)>) -> Result<Option<V
                 }
             }
             let mirror_id = r.get::<i32>(2).map_err(spi_err)?.unwrap_or_default();
-            batch.push(Queued {
-                id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default(),
-                mirror_id,
-                op: r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
-                key: r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
-                payload: r.get::<String>(5).map_err(spi_err)?,
-                age_ms: r.get::<f64>(6).map_err(spi_err)?.unwrap_or_default(),
-                ev: r.get::<String>(7).map_err(spi_err)?,
-                old_key: r.get::<String>(8).map_err(spi_err)?,
-                xid: r.get::<String>(9).map_err(spi_err)?.unwrap_or_default(),
-                tid: r
-                    .get::<String>(10)
-                    .map_err(spi_err)?
-                    .as_deref()
-                    .and_then(super::queue_delete::parse)
-                    .unwrap_or_default(),
-                mirror: mirror_info(c, mirror_id)?,
-            });
+            let id = r.get::<i64>(1).map_err(spi_err)?.unwrap_or_default();
+            let age_ms = r.get::<f64>(6).map_err(spi_err)?.unwrap_or_default();
+            let ev = r.get::<String>(7).map_err(spi_err)?;
+            let old_key = r.get::<String>(8).map_err(spi_err)?;
+            let xid = r.get::<String>(9).map_err(spi_err)?.unwrap_or_default();
+            let tid = r
+                .get::<String>(10)
+                .map_err(spi_err)?
+                .as_deref()
+                .and_then(super::queue_delete::parse)
+                .unwrap_or_default();
+            let mirror = mirror_info(c, mirror_id)?;
+            let changes = super::queue_read::unpack(
+                r.get::<String>(3).map_err(spi_err)?.unwrap_or_default(),
+                r.get::<String>(4).map_err(spi_err)?.unwrap_or_default(),
+                r.get::<String>(5).map_err(spi_err)?,
+            );
+            for (op, key, payload, packed) in changes {
+                batch.push(Queued {
+                    id,
+                    mirror_id,
+                    op,
+                    key,
+                    payload,
+                    age_ms,
+                    ev: ev.clone(),
+                    old_key: old_key.clone(),
+                    xid: xid.clone(),
+                    tid,
+                    packed,
+                    mirror: mirror.clone(),
+                });
+            }
         }
         Ok(Some(batch))
     })
@@ -501,6 +525,11 @@ fn send(
 /// but writes nothing. A sync-mode change whose version has no container (a cluster with a key
 /// prefix that breaks slots) is refused.
 fn build(q: &Queued, cmds: &mut Vec<Cmd>) -> std::result::Result<(), String> {
+    if q.op == "S" || q.op == "D" {
+        return Err(
+            "a packed queue row whose keys or payloads are not a JSON array of them".into(),
+        );
+    }
     let sync_prefix = q.mirror.as_deref().and_then(|m| m.sync_prefix.as_deref());
     if let (Some(prefix), Some(format), "s" | "d") = (sync_prefix, q.format(), q.op.as_str()) {
         let versions =
@@ -692,42 +721,82 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         last_ok.get(q.key.as_str()).is_some_and(|&j| j > i)
             || last_purge.get(&q.mirror_id).is_some_and(|&j| j > i)
     };
-    let mut done: Vec<i64> = vec![];
+    let mut done = 0usize;
     let mut done_tids: Vec<super::queue_delete::Tid> = vec![];
     let mut failed_ids: Vec<i64> = vec![];
     let mut failed_errs: Vec<String> = vec![];
+    // The changes left of each row that failed: they go to the dead letters when it does.
+    let mut left: Vec<(i64, bool, &str, &str, Option<&str>)> = vec![];
+    // Packed rows some of whose changes landed: rewritten to those that did not (a retry must
+    // not send again a value that a later change of its key may have replaced since).
+    let mut rewrites: Vec<(i64, String, String, Option<String>)> = vec![];
     let mut transient_failures = 0usize;
     let mut per_mirror: HashMap<i32, (i64, i64, f64, Option<String>)> = HashMap::new();
-    for (i, (q, r)) in batch.iter().zip(results).enumerate() {
-        let s = per_mirror.entry(q.mirror_id).or_insert((0, 0, 0.0, None));
-        match r {
-            Ok(()) => {
-                done.push(q.id);
-                done_tids.push(q.tid);
-                s.0 += 1;
-                s.2 = q.age_ms;
-            }
-            Err(_) if superseded(i, q) => {
-                done.push(q.id);
-                done_tids.push(q.tid);
-            }
-            Err(e) => {
-                s.1 += 1;
-                s.3 = Some(format!(
-                    "{} {:?}: {e}",
-                    if q.op == "s" { "SET" } else { "DEL" },
-                    q.key
-                ));
-                // Redis busy loading, failing over or scripting: not the change's fault, so no
-                // attempt is counted (the worker backs off as for a connection failure).
-                if transient(&e) {
-                    transient_failures += 1;
-                } else {
-                    failed_ids.push(q.id);
-                    failed_errs.push(e);
+    let mut results = results.into_iter();
+    let mut i = 0;
+    while i < batch.len() {
+        // One queue row: a plain row's change, or every change of a packed one.
+        let row = &batch[i..];
+        let n = row.iter().take_while(|q| q.id == batch[i].id).count();
+        let row = &row[..n];
+        let mut not_done: Vec<&Queued> = vec![];
+        let mut error: Option<String> = None;
+        for (j, q) in row.iter().enumerate() {
+            let r = results.next().unwrap_or(Ok(()));
+            let s = per_mirror.entry(q.mirror_id).or_insert((0, 0, 0.0, None));
+            match r {
+                Ok(()) => {
+                    done += 1;
+                    s.0 += 1;
+                    s.2 = q.age_ms;
+                }
+                Err(_) if superseded(i + j, q) => done += 1,
+                Err(e) => {
+                    s.1 += 1;
+                    s.3 = Some(format!(
+                        "{} {:?}: {e}",
+                        if q.op == "s" { "SET" } else { "DEL" },
+                        q.key
+                    ));
+                    not_done.push(q);
+                    // Redis busy loading, failing over or scripting: not the change's fault, so
+                    // no attempt is counted (the worker backs off as for a connection failure).
+                    if transient(&e) {
+                        transient_failures += 1;
+                    } else if error.is_none() {
+                        error = Some(e);
+                    }
                 }
             }
         }
+        let q = &row[0];
+        if not_done.is_empty() {
+            done_tids.push(q.tid);
+        } else {
+            if q.packed && not_done.len() < row.len() {
+                let entries: Vec<(&str, &str, Option<&str>)> = not_done
+                    .iter()
+                    .map(|q| (q.op.as_str(), q.key.as_str(), q.payload.as_deref()))
+                    .collect();
+                let (op, key, payload) = super::queue_read::repack(&entries);
+                rewrites.push((q.id, op, key, payload));
+            }
+            if let Some(e) = error {
+                failed_ids.push(q.id);
+                failed_errs.push(e);
+                let packed = not_done.len() > 1;
+                left.extend(not_done.iter().map(|c| {
+                    (
+                        c.id,
+                        packed,
+                        c.op.as_str(),
+                        c.key.as_str(),
+                        c.payload.as_deref(),
+                    )
+                }));
+            }
+        }
+        i += n;
     }
     let deleted = match super::queue_delete::delete(&done_tids) {
         Some(n) => n,
@@ -743,6 +812,22 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
         }
     };
     DELETED.with(|d| d.set(d.get() + deleted));
+    if !rewrites.is_empty() {
+        let (ids, rest): (Vec<i64>, Vec<_>) = rewrites
+            .into_iter()
+            .map(|(id, o, k, p)| (id, (o, k, p)))
+            .unzip();
+        let (ops, rest): (Vec<String>, Vec<_>) =
+            rest.into_iter().map(|(o, k, p)| (o, (k, p))).unzip();
+        let (keys, payloads): (Vec<String>, Vec<Option<String>>) = rest.into_iter().unzip();
+        crate::plans::run(
+            "UPDATE redis_internal.queue q SET op = u.op::\"char\", key = u.key, payload = u.payload \
+               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u(id, op, key, payload) \
+              WHERE q.id = u.id",
+            &[ids.into(), ops.into(), keys.into(), payloads.into()],
+        )
+        .map_err(spi_err)?;
+    }
     if !failed_ids.is_empty() {
         crate::plans::run(
             "UPDATE redis_internal.queue q SET attempts = q.attempts + 1, last_error = u.e \
@@ -750,11 +835,31 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
             &[failed_ids.clone().into(), failed_errs.into()],
         )
         .map_err(spi_err)?;
+        // A packed row's changes become dead letters of their own, with ids of their own.
+        let ids: Vec<i64> = left.iter().map(|e| e.0).collect();
+        let packed: Vec<bool> = left.iter().map(|e| e.1).collect();
+        let ops: Vec<String> = left.iter().map(|e| e.2.to_string()).collect();
+        let keys: Vec<String> = left.iter().map(|e| e.3.to_string()).collect();
+        let payloads: Vec<Option<String>> = left.iter().map(|e| e.4.map(str::to_string)).collect();
         crate::plans::run(
-            "WITH moved AS (DELETE FROM redis_internal.queue WHERE id = ANY($1) AND attempts >= $2 RETURNING *) \
+            "WITH moved AS (DELETE FROM redis_internal.queue WHERE id = ANY($1) AND attempts >= $2 \
+                            RETURNING id, mirror_id, last_error, attempts, queued_at) \
              INSERT INTO redis_internal.dead_letters (id, mirror_id, op, key, payload, error, attempts, first_failure, last_failure) \
-             SELECT id, mirror_id, op, key, payload, last_error, attempts, queued_at, clock_timestamp() FROM moved",
-            &[failed_ids.clone().into(), crate::settings::max_attempts().into()],
+             SELECT CASE WHEN c.packed THEN nextval('redis_internal.queue_id_seq') ELSE m.id END, \
+                    m.mirror_id, c.op::\"char\", c.key, c.payload, m.last_error, m.attempts, m.queued_at, clock_timestamp() \
+               FROM moved m \
+               JOIN unnest($3::bigint[], $4::bool[], $5::text[], $6::text[], $7::text[]) \
+                    WITH ORDINALITY AS c(id, packed, op, key, payload, n) ON c.id = m.id \
+              ORDER BY c.n",
+            &[
+                failed_ids.clone().into(),
+                crate::settings::max_attempts().into(),
+                ids.into(),
+                packed.into(),
+                ops.into(),
+                keys.into(),
+                payloads.into(),
+            ],
         )
         .map_err(spi_err)?;
     }
@@ -773,7 +878,7 @@ fn settle(batch: &[Queued], results: Vec<std::result::Result<(), String>>) -> Re
     }
     Ok(Outcome {
         claimed: batch.len(),
-        delivered: done.len(),
+        delivered: done,
         failed: failed_ids.len() + transient_failures,
         waiting_for_standby: false,
     })

@@ -20,10 +20,73 @@ pub struct Raw {
     pub old_key: Option<String>,
     pub xid: String,
     pub tid: super::queue_delete::Tid,
+    /// One of the changes of a packed row (they share its id and TID).
+    pub packed: bool,
 }
 
-/// The oldest `max` queued changes in id order, or with `after` (first id, last id, count of a
-/// batch still in the queue) the `max` after it — Some(None) then when the queue's head no
+/// The changes of a queue row: a plain row is one; a packed row ('S' writes, 'D' deletes;
+/// src/mirror/native.rs) holds a JSON array of keys and, for 'S', a JSON array of the rows' JSON,
+/// each kept byte for byte. (op, key, payload, packed) each. A packed row that does not parse
+/// comes back as it is, not packed: delivery refuses it (and it ends in the dead letters).
+pub fn unpack(
+    op: String,
+    key: String,
+    payload: Option<String>,
+) -> Vec<(String, String, Option<String>, bool)> {
+    if op != "S" && op != "D" {
+        return vec![(op, key, payload, false)];
+    }
+    let keys = serde_json::from_str::<Vec<String>>(&key).ok();
+    let parts = match (&keys, op.as_str(), payload.as_deref()) {
+        (Some(k), "S", Some(p)) => serde_json::from_str::<Vec<&serde_json::value::RawValue>>(p)
+            .ok()
+            .filter(|v| v.len() == k.len())
+            .map(|v| {
+                v.into_iter()
+                    .map(|r| Some(r.get().to_owned()))
+                    .collect::<Vec<_>>()
+            }),
+        (Some(k), "D", None) => Some(vec![None; k.len()]),
+        _ => None,
+    };
+    match (keys, parts) {
+        (Some(keys), Some(parts)) => {
+            let one = if op == "S" { "s" } else { "d" };
+            keys.into_iter()
+                .zip(parts)
+                .map(|(k, p)| (one.to_string(), k, p, true))
+                .collect()
+        }
+        _ => vec![(op, key, payload, false)],
+    }
+}
+
+/// A packed row's text for the changes of it that are left: (op, key, payload), or the plain
+/// row's when one is left.
+pub fn repack(entries: &[(&str, &str, Option<&str>)]) -> (String, String, Option<String>) {
+    if let [(op, key, payload)] = entries {
+        return (op.to_string(), key.to_string(), payload.map(str::to_string));
+    }
+    let write = entries.first().is_some_and(|e| e.0 == "s");
+    let keys: Vec<&str> = entries.iter().map(|e| e.1).collect();
+    let keys = serde_json::to_string(&keys).unwrap_or_else(|_| "[]".into());
+    let payload = write.then(|| {
+        let mut p = String::from("[");
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 {
+                p.push(',');
+            }
+            p.push_str(e.2.unwrap_or("null"));
+        }
+        p.push(']');
+        p
+    });
+    ((if write { "S" } else { "D" }).to_string(), keys, payload)
+}
+
+/// The oldest `max` queued changes in id order (a packed row's changes all come, so a few more
+/// than `max` can), or with `after` (first id, last id, count of the queue rows of a batch still
+/// in the queue) the `max` after it — Some(None) then when the queue's head no
 /// longer starts with exactly that batch (a change with a smaller id committed meanwhile).
 /// None: not handled here.
 pub fn head(max: usize, after: Option<(i64, i64, i64)>) -> Option<Option<Vec<Raw>>> {
@@ -122,18 +185,29 @@ unsafe fn scan(
         let tid = (*slot).tts_tid;
         let block = (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo);
         let queued_at = (*values.add(8)).value() as i64;
-        out.push(Raw {
-            id,
-            mirror_id: (*values.add(1)).value() as i32,
-            op: chr(2).unwrap_or_default(),
-            key: text(3).unwrap_or_default(),
-            payload: text(4),
-            age_ms: (now - queued_at) as f64 / 1000.0,
-            ev: chr(5),
-            old_key: text(6),
-            xid: ((*values.add(7)).value() as u64).to_string(),
-            tid: (block, tid.ip_posid),
-        });
+        let mirror_id = (*values.add(1)).value() as i32;
+        let (ev, old_key) = (chr(5), text(6));
+        let xid = ((*values.add(7)).value() as u64).to_string();
+        let changes = unpack(
+            chr(2).unwrap_or_default(),
+            text(3).unwrap_or_default(),
+            text(4),
+        );
+        for (op, key, payload, packed) in changes {
+            out.push(Raw {
+                id,
+                mirror_id,
+                op,
+                key,
+                payload,
+                age_ms: (now - queued_at) as f64 / 1000.0,
+                ev: ev.clone(),
+                old_key: old_key.clone(),
+                xid: xid.clone(),
+                tid: (block, tid.ip_posid),
+                packed,
+            });
+        }
         pg_sys::MemoryContextSwitchTo(old);
         pg_sys::MemoryContextReset(cxt);
     }

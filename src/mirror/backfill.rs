@@ -247,7 +247,10 @@ fn direct_step(m: &Mirror, table_sql: &str, next: i64, end: i64) -> Result<Optio
         return Ok(None);
     }
     let sql = format!(
-        "WITH waiting AS MATERIALIZED (SELECT q.key, q.op FROM redis_internal.queue q WHERE q.mirror_id = $1) \
+        "WITH waiting AS MATERIALIZED (SELECT k.key, q.op FROM redis_internal.queue q \
+                                   CROSS JOIN LATERAL pg_catalog.json_array_elements_text(CASE WHEN q.op IN ('S', 'D') \
+                                              THEN q.key::json ELSE pg_catalog.json_build_array(q.key) END) k(key) \
+                                  WHERE q.mirror_id = $1) \
          SELECT r.k, r.p, EXISTS (SELECT 1 FROM waiting w WHERE w.op = 't') \
            FROM (SELECT {} AS k, {} AS p FROM ONLY {} r \
                   WHERE r.ctid >= '({next},0)'::tid AND r.ctid < '({end},0)'::tid) r \
