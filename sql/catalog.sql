@@ -35,6 +35,9 @@ CREATE TABLE redis_internal.queue (
     attempts   int NOT NULL DEFAULT 0,
     last_error text
 );
+-- A packed row (several changes of one statement, src/mirror/native.rs) fills up to a page
+-- without being compressed or moved to TOAST.
+ALTER TABLE redis_internal.queue SET (toast_tuple_target = 8160);
 
 CREATE TABLE redis_internal.dead_letters (
     id             bigint PRIMARY KEY,

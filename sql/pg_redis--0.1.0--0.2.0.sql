@@ -68,6 +68,9 @@ BEGIN
   PERFORM redis_internal.wake_worker();
 END $$;
 
+-- A packed queue row fills up to a page without being compressed or moved to TOAST.
+ALTER TABLE redis_internal.queue SET (toast_tuple_target = 8160);
+
 -- Queue depth counts the changes of packed queue rows (several changes of one statement).
 CREATE OR REPLACE VIEW redis_stats AS
 SELECT m.tbl AS mirror,

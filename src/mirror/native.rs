@@ -436,9 +436,14 @@ unsafe fn render_key(
     Ok(key)
 }
 
-/// Packed queue rows stay under this many bytes of keys and payloads, so that the tuple stays
-/// under the toaster's threshold (~2 kB with 8 kB pages): no compression, no TOAST rows.
-const PACK_BYTES: usize = 1800;
+/// A packed queue row's keys and payloads stay this many bytes under the queue's
+/// toast_tuple_target (sql/catalog.sql sets 8160, a page; PostgreSQL's default is 2032): the
+/// tuple stays whole in its page, not compressed, no TOAST rows. The rest of the tuple (header,
+/// fixed columns, varlena headers) takes under 100 bytes.
+const PACK_SLACK: usize = 232;
+
+/// PostgreSQL's TOAST_TUPLE_THRESHOLD with 8 kB pages (a macro, not in the bindings).
+const TOAST_TUPLE_THRESHOLD: usize = 2032;
 
 /// Changes of one statement gathered into one queue row (op 'S' writes, 'D' deletes): key a
 /// JSON array of the keys, payload a JSON array of the rows' JSON texts, as rendered, in order
@@ -458,6 +463,8 @@ struct Pack {
 /// the writing transaction's id, the clock's time when the statement's capture began.
 struct Writer {
     pack: Pack,
+    /// Keys and payloads of one pack at most, in bytes.
+    pack_bytes: usize,
     rel: pg_sys::Relation,
     indexes: pg_sys::CatalogIndexState,
     seq: pg_sys::Oid,
@@ -496,8 +503,15 @@ impl Writer {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as i32);
             return Ok(None);
         }
+        let options = (*rel).rd_options as *const pg_sys::StdRdOptions;
+        let target = if options.is_null() {
+            0
+        } else {
+            (*options).toast_tuple_target.max(0) as usize
+        };
         Ok(Some(Writer {
             pack: Pack::default(),
+            pack_bytes: target.max(TOAST_TUPLE_THRESHOLD) - PACK_SLACK,
             rel,
             indexes,
             seq,
@@ -570,11 +584,12 @@ impl Writer {
             pgrx::varlena::varlena_to_byte_slice(v)
         });
         let size = key.len() + 3 + text.map_or(0, |t| t.len() + 1);
-        if !self.pack.keys.is_empty() && (self.pack.op != op || self.pack.bytes + size > PACK_BYTES)
+        if !self.pack.keys.is_empty()
+            && (self.pack.op != op || self.pack.bytes + size > self.pack_bytes)
         {
             self.flush()?;
         }
-        if size > PACK_BYTES {
+        if size > self.pack_bytes {
             return self.insert(op, &key, payload, None);
         }
         let pack = &mut self.pack;
