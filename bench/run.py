@@ -1020,6 +1020,12 @@ NOTES = {
                "refusing changes); each wake-up was a signal and a task switch on the writer's COMMIT, "
                "and a quick run with Redis down went from 0.48 (outbox 0.63) to 0.67 (outbox 0.62) of "
                "the unmirrored table.",
+    "P2 insert": "tenth session: the changes of a multi-row INSERT or DELETE share queue rows "
+                 "(packed: a JSON array of keys and one of the rows' JSON texts, up to ~7.9 kB, the "
+                 "queue's toast_tuple_target raised to 8160 so that they stay whole and uncompressed), "
+                 "one heap tuple, index entry, WAL record and id per ~60 changes here instead of per "
+                 "change. Quick runs: insert 0.36 → 0.49 with packs of ≤ 1.8 kB (the default TOAST "
+                 "threshold) → 0.54 with ≤ 7.9 kB; COPY 0.26 → 0.43 → 0.50.",
     "P1 outbox": "the outbox table is never consumed here, so this is the capture cost alone; "
                  "pg_redis' B includes its worker delivering to Redis on the same two cores.",
     "P3": "the rate runs from the first key of the backlog in Redis to the last (the worker's back-off "
@@ -1032,7 +1038,7 @@ NOTES = {
               "rest of the statement, the capture trigger and COMMIT).",
 }
 
-PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process)"
+PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process), 2026-12-07 (tenth session: P2 COPY after packed queue rows)"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
@@ -1072,9 +1078,18 @@ LIMITS: dict = {
                  "and output function for every row (22 % of the backend's samples); capture now renders "
                  "the same text byte for byte with those lookups done once (JSON now ~8 %): insert "
                  "0.31 → 0.35-0.36, COPY 0.21 → 0.30 in quick runs. What is left (perf): the queue row's "
-                 "heap and index insert ~16 % of the backend, nextval ~7 %, WAL ~15 % (both tables); "
-                 "0.5 needs fewer queue tuples than rows (several changes per queue row).",
-    "P2 copy": "as P2 insert.",
+                 "heap and index insert ~16 % of the backend, nextval ~7 %, WAL ~15 % (both tables). "
+                 "Tenth session: the changes of a multi-row statement share queue rows (packed, up to "
+                 "~7.9 kB each, see the note above); what is left (perf, COPY): the queue's WAL — the "
+                 "rows' JSON written a second time — ~22 % of the backend, of which about half was "
+                 "zero-filling new WAL segments (XLogFileInit) in that fresh cluster, and the "
+                 "transition table's tuplestore.",
+    "P2 copy": "COPY's own cost per row is lower than INSERT ... SELECT's, so the same capture "
+               "weighs more. Tenth session, after packed queue rows (perf): the queue's WAL — the "
+               "rows' JSON written a second time — ~22 % of the backend, of which about half was "
+               "zero-filling new WAL segments (XLogFileInit) in that fresh cluster, the transition "
+               "table's tuplestore, and the rendering of each row's JSON and key; quick runs gave 0.50, "
+               "this full run 0.48 (on a machine whose baseline tps were a third of the previous runs').",
     "P3": "one process: each batch of `batch_size` (5000) is a transaction that reads the queue head, "
           "sends one pipeline, deletes by TID and flushes the WAL; the next batch is read while Redis runs "
           "the current pipeline (fourth session). Since the sixth session the head is read without SQL "
