@@ -631,7 +631,8 @@ def test_json_text_is_row_to_json_byte_for_byte(m):
     """Capture renders rows itself (the per-column lookups once per statement, not per row as
     row_to_json does): its text must be row_to_json's exactly, for every JSON category (numbers
     with NaN and infinities, booleans, dates, json kept as written, escaped strings and column
-    names), NULLs and a dropped column, for INSERT, COPY and UPDATE, whatever the writer's settings."""
+    names), NULLs and a dropped column, for INSERT (one row and several, packed), COPY and UPDATE,
+    whatever the writer's settings."""
     m.table("mx_bytes", 'id int PRIMARY KEY, s2 smallint, i8 bigint, f4 real, f8 float8, num numeric, '
                         'b boolean, gone text, d date, ts timestamp, tz timestamptz, j json, jb jsonb, '
                         't text, vc varchar(9), ch char(4), "we""ird ñame" text, u uuid, by bytea, '
@@ -640,12 +641,16 @@ def test_json_text_is_row_to_json_byte_for_byte(m):
     m.conn.execute("SELECT redis_mirror('mx_bytes')")
     with m.connect() as c:
         c.execute(ODD_SETTINGS + "; SET IntervalStyle = 'sql_standard'")
-        c.execute("INSERT INTO mx_bytes VALUES (1, -32768, 9007199254740993, 1.0/3, 2.0/3, 1.50, true, "
-                  "'2024-02-29', '2024-01-31 23:59:59.123456', '2024-01-01 08:00:00+00', "
-                  "'{ \"a\" : [1, 2.50] }', '{\"b\": {\"c\": null}}', "
-                  "E'q \" b \\\\ n \\n t \\t cr \\r ff \\f bs \\b ctl \\x01\\x1f del \\x7f é 中', 'v', 'ch', "
-                  "'name', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff', '1 day 02:03:04.5', "
-                  "'13:14:15', '13:14:15+02', 12.5, '10.0.0.1/8', 'x', 'nm', 42)")
+        row1 = ("-32768, 9007199254740993, 1.0/3, 2.0/3, 1.50, true, "
+                "'2024-02-29', '2024-01-31 23:59:59.123456', '2024-01-01 08:00:00+00', "
+                "'{ \"a\" : [1, 2.50] }', '{\"b\": {\"c\": null}}', "
+                "E'q \" b \\\\ n \\n t \\t cr \\r ff \\f bs \\b ctl \\x01\\x1f del \\x7f é 中', 'v', 'ch', "
+                "'name', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff', '1 day 02:03:04.5', "
+                "'13:14:15', '13:14:15+02', 12.5, '10.0.0.1/8', 'x', 'nm', 42")
+        c.execute(f"INSERT INTO mx_bytes VALUES (1, {row1})")
+        # The same values in one statement: its changes share a packed queue row, whose JSON
+        # array must carry each row's text (json kept as written, escapes) unchanged.
+        c.execute(f"INSERT INTO mx_bytes VALUES (7, {row1}), (8, {row1})")
         c.execute("INSERT INTO mx_bytes (id, f4, f8, num, b, d, ts, tz) VALUES "
                   "(2, 'NaN', '-Infinity', 'NaN', false, 'infinity', '0044-03-15 BC', '-infinity'), "
                   "(3, 'Infinity', 1e300, 'Infinity', NULL, '-infinity', 'infinity', '1999-12-31 19:00:00-05'), "
