@@ -9,6 +9,7 @@
     /usr/bin/python3 bench/profile.py backfill      # P7
     /usr/bin/python3 bench/profile.py commit        # P8: single-row INSERTs (-c 1) into a commit-mode mirror
     /usr/bin/python3 bench/profile.py bulk          # P2: INSERT ... SELECT of 1M rows into a queue mirror
+    /usr/bin/python3 bench/profile.py copy          # P2: COPY of 1M rows (csv) into a queue mirror
     options: --seconds N (default 8), --children (inclusive costs), --keep DIR (keep perf.data)
 
 Needs perf (and root, or perf_event_paranoid <= 1). Records the server processes of the cluster
@@ -52,7 +53,7 @@ def report(data: Path, children: bool, comm: str | None = None) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["insert", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "commit"])
+    ap.add_argument("workload", choices=["insert", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "copy", "commit"])
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--children", action="store_true")
     ap.add_argument("--keep", help="directory to keep perf.data in")
@@ -97,11 +98,15 @@ def main():
             b.redis.start()
             b.ex("INSERT INTO t (name, n) VALUES ('kick', 0)")
             record([b.worker_pid()], args.seconds, data)
-        elif args.workload == "bulk":
+        elif args.workload in ("bulk", "copy"):
+            stmt = f"INSERT INTO t (id, name, email, n) {run.ROW_SELECT.format(lo=1, hi=1_000_000)}"
+            if args.workload == "copy":
+                csv = b.pg.dir / "p2.csv"
+                b.ex(f"COPY ({run.ROW_SELECT.format(lo=1, hi=1_000_000)}) TO '{csv}' (FORMAT csv)")
+                stmt = f"COPY t (id, name, email, n) FROM '{csv}' (FORMAT csv)"
             b.make_table("t", mirror="queue")
             pid = b.conn.info.backend_pid
-            th = threading.Thread(target=lambda: b.ex(
-                f"INSERT INTO t (id, name, email, n) {run.ROW_SELECT.format(lo=1, hi=1_000_000)}"), daemon=True)
+            th = threading.Thread(target=lambda: b.ex(stmt), daemon=True)
             th.start()
             record([pid], args.seconds, data)
             th.join()

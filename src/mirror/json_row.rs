@@ -4,30 +4,171 @@
 //! base type, JSON category and output function (syscache lookups and an `fmgr_info` each): a
 //! fifth of the backend's time in a bulk INSERT into a mirrored table (bench/profile.py bulk).
 //! Here they are looked up once (native.rs keeps the renderer per table until the table's
-//! mirror or columns change) and each row only runs the output functions and PostgreSQL's own
-//! `escape_json` / `JsonEncodeDateTime`, in the order and with the rules of `composite_to_json` /
+//! mirror or columns change) and each row only runs the output functions and
+//! `JsonEncodeDateTime`, in the order and with the rules of `composite_to_json` /
 //! `datum_to_json` (PostgreSQL 15, utils/adt/json.c), so the text is the same byte for byte
 //! (tests/test_mirror.py, test_json_text_is_row_to_json_byte_for_byte). Columns that
 //! `row_to_json` renders by recursion (arrays, composites) are left to it: `new` says None.
+//!
+//! Every call into PostgreSQL goes through pgrx's guard (a setjmp, a thread check): with a
+//! dozen per row they were a tenth of a COPY's time (bench/profile.py copy). So what needs no
+//! catalog knowledge runs in Rust: integers and text-like columns are read from the datum
+//! itself (their output functions only copy or print them), strings are escaped by serde_json
+//! (the same bytes as `escape_json` for UTF-8; anything else goes to `escape_json`), and the
+//! buffer is appended to directly, calling PostgreSQL only to grow it.
 
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_int, CStr};
+use std::io::Write;
 
 extern "C-unwind" {
     // common/jsonapi.h: not in pgrx's bindings. Pure parsing, it cannot raise an error.
     fn IsValidJsonNumber(str: *const c_char, len: c_int) -> bool;
 }
 
+/// Column types whose text is read straight from the datum, without their output function.
+#[derive(Clone, Copy)]
+pub(crate) enum Direct {
+    Int2,
+    Int4,
+    Int8,
+    /// text, varchar, bpchar, json: the output function returns the varlena's bytes as they are.
+    Text,
+}
+
+impl Direct {
+    /// For a column's base type.
+    pub(crate) fn of(typid: pg_sys::Oid) -> Option<Direct> {
+        match typid {
+            pg_sys::INT2OID => Some(Direct::Int2),
+            pg_sys::INT4OID => Some(Direct::Int4),
+            pg_sys::INT8OID => Some(Direct::Int8),
+            pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID | pg_sys::JSONOID => {
+                Some(Direct::Text)
+            }
+            _ => None,
+        }
+    }
+
+    /// The value's text as its output function would give it (not escaped), appended to `out`.
+    ///
+    /// # Safety
+    /// `value` is a non-null datum of the type this was made for.
+    pub(crate) unsafe fn write(self, value: pg_sys::Datum, out: &mut impl Write) {
+        // Writing to a Buf or a Vec cannot fail.
+        let _ = match self {
+            Direct::Int2 => write!(out, "{}", value.value() as i16),
+            Direct::Int4 => write!(out, "{}", value.value() as i32),
+            Direct::Int8 => write!(out, "{}", value.value() as i64),
+            Direct::Text => out.write_all(text_bytes(value)),
+        };
+    }
+}
+
+/// The bytes of a text-like datum, detoasted (into the current memory context) if need be.
+///
+/// # Safety
+/// `value` is a non-null varlena datum.
+pub(crate) unsafe fn text_bytes<'a>(value: pg_sys::Datum) -> &'a [u8] {
+    let mut v = value.cast_mut_ptr::<pg_sys::varlena>();
+    // pg_detoast_datum_packed's test: only compressed or out-of-line values need work.
+    if pgrx::varlena::varatt_is_4b_c(v) || pgrx::varlena::varatt_is_1b_e(v) {
+        v = pg_sys::pg_detoast_datum_packed(v);
+    }
+    pgrx::varlena::varlena_to_byte_slice(v)
+}
+
+/// A StringInfo appended to in Rust; PostgreSQL is called only to enlarge it (its errors, such
+/// as a value past 1 GB, stay PostgreSQL's).
+pub(crate) struct Buf(pg_sys::StringInfo);
+
+impl Buf {
+    /// # Safety
+    /// `s` is an initialised StringInfo that outlives the Buf.
+    pub(crate) unsafe fn new(s: pg_sys::StringInfo) -> Buf {
+        Buf(s)
+    }
+
+    pub(crate) fn put(&mut self, b: &[u8]) {
+        // SAFETY: `new`'s contract; enlargeStringInfo leaves room for b and the trailing NUL.
+        unsafe {
+            let s = &mut *self.0;
+            if s.len as usize + b.len() >= s.maxlen as usize {
+                pg_sys::enlargeStringInfo(self.0, b.len().min(i32::MAX as usize) as c_int);
+            }
+            let s = &mut *self.0;
+            std::ptr::copy_nonoverlapping(b.as_ptr(), s.data.add(s.len as usize).cast(), b.len());
+            s.len += b.len() as c_int;
+            *s.data.add(s.len as usize) = 0;
+        }
+    }
+
+    /// The string as `escape_json` renders it, quotes included.
+    pub(crate) fn escape(&mut self, s: &[u8]) {
+        // serde_json escapes exactly the bytes escape_json does (", \, and below 0x20, with the
+        // same short forms and lowercase \u00xx); it needs UTF-8, which anything else is not.
+        if let Ok(t) = std::str::from_utf8(s) {
+            if serde_json::to_writer(&mut *self, t).is_ok() {
+                return;
+            }
+        }
+        // SAFETY: a NUL-terminated copy for escape_json (text holds no NUL bytes).
+        unsafe {
+            let c = pg_sys::pnstrdup(s.as_ptr().cast(), s.len());
+            pg_sys::escape_json(self.0, c);
+            pg_sys::pfree(c.cast());
+        }
+    }
+
+    /// Empty the buffer; one that a large row grew past 1 MB is given back first.
+    pub(crate) fn clear(&mut self) {
+        // SAFETY: `new`'s contract.
+        unsafe {
+            let s = &mut *self.0;
+            if s.maxlen > 1 << 20 {
+                // repalloc keeps the buffer in its own memory context.
+                s.data = pg_sys::repalloc(s.data.cast(), 1024).cast();
+                s.maxlen = 1024;
+            }
+            let s = &mut *self.0;
+            s.len = 0;
+            s.cursor = 0;
+            *s.data = 0;
+        }
+    }
+
+    /// What is in the buffer.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `new`'s contract.
+        unsafe { std::slice::from_raw_parts((*self.0).data as *const u8, (*self.0).len as usize) }
+    }
+}
+
+impl Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.put(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 enum Category {
     Bool,
-    /// int2, int4, int8: their output is always a valid JSON number.
-    Integer,
+    /// int2, int4, int8: always a valid JSON number, printed from the datum.
+    Integer(Direct),
     /// float4, float8, numeric: a number unless NaN or an infinity (then a JSON string).
     Number,
     /// date, timestamp, timestamptz: ISO 8601 through `JsonEncodeDateTime`.
     DateTime(pg_sys::Oid),
-    /// json, jsonb: their output is JSON already.
+    /// json: its text is JSON already.
     Json,
+    /// jsonb: its output is JSON.
+    Jsonb,
+    /// text, varchar, bpchar: the datum's bytes as a JSON string.
+    Text,
     /// Everything else: its output as a JSON string.
     Other,
 }
@@ -38,7 +179,7 @@ struct Column {
     /// `{"name":` for the first column, `,"name":` for the others.
     head: Vec<u8>,
     category: Category,
-    /// The type's output function, looked up once (unused for booleans and dates).
+    /// The type's output function, looked up once (for numbers, jsonb and other types).
     output: Box<pg_sys::FmgrInfo>,
 }
 
@@ -64,12 +205,16 @@ impl RowJson {
             let typid = pg_sys::getBaseType(a.atttypid);
             let category = match typid {
                 pg_sys::BOOLOID => Category::Bool,
-                pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => Category::Integer,
+                pg_sys::INT2OID => Category::Integer(Direct::Int2),
+                pg_sys::INT4OID => Category::Integer(Direct::Int4),
+                pg_sys::INT8OID => Category::Integer(Direct::Int8),
                 pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => Category::Number,
                 pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => {
                     Category::DateTime(typid)
                 }
-                pg_sys::JSONOID | pg_sys::JSONBOID => Category::Json,
+                pg_sys::JSONOID => Category::Json,
+                pg_sys::JSONBOID => Category::Jsonb,
+                pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Category::Text,
                 _ if pg_sys::get_element_type(typid) != pg_sys::InvalidOid
                     || typid == pg_sys::ANYARRAYOID
                     || typid == pg_sys::ANYCOMPATIBLEARRAYOID
@@ -83,7 +228,10 @@ impl RowJson {
                 _ => Category::Other,
             };
             let mut output = Box::new(std::mem::zeroed::<pg_sys::FmgrInfo>());
-            if !matches!(category, Category::Bool | Category::DateTime(_)) {
+            if matches!(
+                category,
+                Category::Number | Category::Jsonb | Category::Other
+            ) {
                 let mut func = pg_sys::InvalidOid;
                 let mut varlena = false;
                 pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
@@ -111,69 +259,58 @@ impl RowJson {
         Some(RowJson { columns })
     }
 
-    /// The row in the slot (its attributes deformed) as a json datum (text's representation),
-    /// allocated in the current memory context (capture's, reset after each row: no buffer
-    /// outlives the row, however large it was).
+    /// Append the row in the slot (its attributes deformed) to `buf`, as `row_to_json` renders
+    /// it. What the output functions allocate goes to the current memory context (capture's,
+    /// reset after each row).
     ///
     /// # Safety
     /// `slot` holds a row of the descriptor given to `new`, deformed.
-    pub unsafe fn render(&mut self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
-        let mut text = std::mem::zeroed::<pg_sys::StringInfoData>();
-        let buf: pg_sys::StringInfo = &mut text;
-        pg_sys::initStringInfo(buf);
-        // Room for the varlena header: the buffer becomes the json datum itself, uncopied.
-        pg_sys::appendBinaryStringInfo(
-            buf,
-            [0 as c_char; pg_sys::VARHDRSZ].as_ptr(),
-            pg_sys::VARHDRSZ as c_int,
-        );
+    pub unsafe fn render(&mut self, slot: *mut pg_sys::TupleTableSlot, buf: &mut Buf) {
         if self.columns.is_empty() {
-            pg_sys::appendStringInfoChar(buf, b'{' as c_char);
+            buf.put(b"{");
         }
         for c in self.columns.iter_mut() {
-            pg_sys::appendBinaryStringInfo(buf, c.head.as_ptr().cast(), c.head.len() as c_int);
+            buf.put(&c.head);
             if *(*slot).tts_isnull.add(c.index) {
-                pg_sys::appendBinaryStringInfo(buf, c"null".as_ptr(), 4);
+                buf.put(b"null");
                 continue;
             }
             let value = *(*slot).tts_values.add(c.index);
             match c.category {
-                Category::Bool => {
-                    let s: &CStr = if value.value() as u8 != 0 {
-                        c"true"
-                    } else {
-                        c"false"
-                    };
-                    pg_sys::appendBinaryStringInfo(buf, s.as_ptr(), s.count_bytes() as c_int);
-                }
+                Category::Bool => buf.put(if value.value() as u8 != 0 {
+                    b"true"
+                } else {
+                    b"false"
+                }),
+                Category::Integer(d) => d.write(value, buf),
+                Category::Text => buf.escape(text_bytes(value)),
+                Category::Json => buf.put(text_bytes(value)),
                 Category::DateTime(typid) => {
                     let mut date = [0 as c_char; pg_sys::MAXDATELEN as usize + 1];
                     pg_sys::JsonEncodeDateTime(date.as_mut_ptr(), value, typid, std::ptr::null());
-                    pg_sys::appendStringInfoChar(buf, b'"' as c_char);
-                    pg_sys::appendStringInfoString(buf, date.as_ptr());
-                    pg_sys::appendStringInfoChar(buf, b'"' as c_char);
+                    buf.put(b"\"");
+                    buf.put(CStr::from_ptr(date.as_ptr()).to_bytes());
+                    buf.put(b"\"");
                 }
-                Category::Integer | Category::Json => {
+                Category::Jsonb => {
                     let s = pg_sys::OutputFunctionCall(c.output.as_mut(), value);
-                    pg_sys::appendStringInfoString(buf, s);
+                    buf.put(CStr::from_ptr(s).to_bytes());
                 }
                 Category::Number => {
-                    let s = pg_sys::OutputFunctionCall(c.output.as_mut(), value);
-                    if IsValidJsonNumber(s, CStr::from_ptr(s).count_bytes() as c_int) {
-                        pg_sys::appendStringInfoString(buf, s);
+                    let s = CStr::from_ptr(pg_sys::OutputFunctionCall(c.output.as_mut(), value));
+                    let b = s.to_bytes();
+                    if IsValidJsonNumber(s.as_ptr(), b.len() as c_int) {
+                        buf.put(b);
                     } else {
-                        pg_sys::escape_json(buf, s);
+                        buf.escape(b);
                     }
                 }
                 Category::Other => {
                     let s = pg_sys::OutputFunctionCall(c.output.as_mut(), value);
-                    pg_sys::escape_json(buf, s);
+                    buf.escape(CStr::from_ptr(s).to_bytes());
                 }
             }
         }
-        pg_sys::appendStringInfoChar(buf, b'}' as c_char);
-        let datum = text.data as *mut pg_sys::varlena;
-        pgrx::set_varsize_4b(datum, text.len);
-        pg_sys::Datum::from(datum)
+        buf.put(b"}");
     }
 }

@@ -11,7 +11,7 @@
 
 use super::catalog::Mirror;
 use super::context::{as_role_only, ext_owner, with_some_render_settings};
-use super::json_row::RowJson;
+use super::json_row::{Buf, Direct, RowJson};
 use super::template::Part;
 use crate::error::Error;
 use pgrx::pg_sys;
@@ -80,7 +80,10 @@ enum KeyPart {
     Lit(String),
     Col {
         attnum: usize,
-        /// The type's output function, looked up once (palloc'd in the Prepared's context).
+        /// Integers and text are read from the datum (json_row.rs says why)...
+        direct: Option<Direct>,
+        /// ... other types rendered by their output function, looked up once (palloc'd in the
+        /// Prepared's context).
         output: *mut pg_sys::FmgrInfo,
         name: String,
     },
@@ -209,6 +212,8 @@ fn capture_prepared(
             let Some(mut w) = Writer::open(queue, seq, m.id)? else {
                 return Ok(None);
             };
+            // One buffer for the statement's rows (freed with the trigger's memory context).
+            let mut buf = Buf::new(pg_sys::makeStringInfo());
             let r = match op {
                 PgTriggerOperation::Insert => {
                     let (op, write) = if m.action == "write" {
@@ -216,21 +221,21 @@ fn capture_prepared(
                     } else {
                         (b'd', false)
                     };
-                    each_row(td, (*td).tg_newtable, false, |slot| {
+                    each_row(td, (*td).tg_newtable, |slot| {
                         let k = render_key(key, slot, m)?;
                         let p = if write {
-                            Some(row_json(json, slot))
+                            Some(row_json(json, slot, &mut buf))
                         } else {
                             None
                         };
                         w.push(op, k, p)
                     })
                 }
-                PgTriggerOperation::Delete => each_row(td, (*td).tg_oldtable, false, |slot| {
+                PgTriggerOperation::Delete => each_row(td, (*td).tg_oldtable, |slot| {
                     let k = render_key(key, slot, m)?;
                     w.push(b'd', k, None)
                 }),
-                _ => update(m, td, key, json, &mut w),
+                _ => update(m, td, key, json, &mut buf, &mut w),
             };
             let r = r.and_then(|_| w.flush());
             let done = w.close();
@@ -248,20 +253,21 @@ unsafe fn update(
     td: *mut pg_sys::TriggerData,
     key: &[KeyPart],
     json: &mut Option<RowJson>,
+    buf: &mut Buf,
     w: &mut Writer,
 ) -> Res<()> {
     let mut old = Vec::new();
-    each_row(td, (*td).tg_oldtable, false, |slot| {
+    each_row(td, (*td).tg_oldtable, |slot| {
         old.push(render_key(key, slot, m)?);
         Ok(())
     })?;
     let write = m.action == "write";
     let mut new = Vec::new();
     // The payloads stay in memory until written below (few rows come here).
-    each_row(td, (*td).tg_newtable, true, |slot| {
+    each_row(td, (*td).tg_newtable, |slot| {
         let k = render_key(key, slot, m)?;
         let p = if write {
-            Some(row_json(json, slot))
+            Some(row_json(json, slot, buf).to_vec())
         } else {
             None
         };
@@ -274,7 +280,7 @@ unsafe fn update(
     }
     for (i, (k, p)) in new.iter().enumerate() {
         let before = old.get(i).filter(|o| *o != k).map(String::as_str);
-        w.insert(if write { b's' } else { b'd' }, k, *p, before)?;
+        w.insert(if write { b's' } else { b'd' }, k, p.as_deref(), before)?;
     }
     Ok(())
 }
@@ -318,6 +324,7 @@ fn key_parts(m: &Mirror, desc: pg_sys::TupleDesc) -> Res<Option<Vec<KeyPart>>> {
                 };
                 let mut output = pg_sys::InvalidOid;
                 let mut varlena = false;
+                let direct = Direct::of(unsafe { pg_sys::getBaseType(typid) });
                 let finfo = unsafe {
                     pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena);
                     let f = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>())
@@ -327,6 +334,7 @@ fn key_parts(m: &Mirror, desc: pg_sys::TupleDesc) -> Res<Option<Vec<KeyPart>>> {
                 };
                 parts.push(KeyPart::Col {
                     attnum,
+                    direct,
                     output: finfo,
                     name: c,
                 });
@@ -347,12 +355,10 @@ unsafe fn column(desc: pg_sys::TupleDesc, name: &str) -> Option<(usize, pg_sys::
 }
 
 /// Run `f` on every row of a transition table, in order, each in a memory context reset after
-/// it (a COPY of millions of rows renders them all in one call) unless `keep`: then what `f`
-/// allocates lives until the caller's memory context is reset.
+/// it (a COPY of millions of rows renders them all in one call).
 unsafe fn each_row(
     td: *mut pg_sys::TriggerData,
     store: *mut pg_sys::Tuplestorestate,
-    keep: bool,
     mut f: impl FnMut(*mut pg_sys::TupleTableSlot) -> Res<()>,
 ) -> Res<()> {
     if store.is_null() {
@@ -377,28 +383,35 @@ unsafe fn each_row(
         pg_sys::slot_getsomeattrs_int(slot, (*desc).natts);
         r = f(slot);
         pg_sys::MemoryContextSwitchTo(old);
-        if !keep {
+        // Most rows allocate nothing here (json_row.rs): then there is no call to make.
+        if !(*cxt).isReset {
             pg_sys::MemoryContextReset(cxt);
         }
         if r.is_err() {
             break;
         }
     }
-    if !keep {
-        pg_sys::MemoryContextDelete(cxt);
-    }
+    pg_sys::MemoryContextDelete(cxt);
     pg_sys::ExecDropSingleTupleTableSlot(slot);
     r
 }
 
-/// The row as `row_to_json` renders it (a json datum, which is text's representation): by the
-/// statement's renderer, or by row_to_json itself for the columns it renders by recursion.
-unsafe fn row_json(json: &mut Option<RowJson>, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+/// The row as `row_to_json` renders it, into `buf` (emptied first): by the statement's
+/// renderer, or by row_to_json itself for the columns it renders by recursion.
+unsafe fn row_json<'a>(
+    json: &mut Option<RowJson>,
+    slot: *mut pg_sys::TupleTableSlot,
+    buf: &'a mut Buf,
+) -> &'a [u8] {
+    buf.clear();
     if let Some(j) = json {
-        return j.render(slot);
+        j.render(slot, buf);
+    } else {
+        let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+        let d = pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, row);
+        buf.put(pgrx::varlena::varlena_to_byte_slice(d.cast_mut_ptr()));
     }
-    let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
-    pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, row)
+    buf.bytes()
 }
 
 /// The key of the row in the slot (its attributes already deformed).
@@ -407,12 +420,13 @@ unsafe fn render_key(
     slot: *mut pg_sys::TupleTableSlot,
     m: &Mirror,
 ) -> Res<String> {
-    let mut key = String::new();
+    let mut key = Vec::new();
     for p in parts {
         match p {
-            KeyPart::Lit(l) => key.push_str(l),
+            KeyPart::Lit(l) => key.extend_from_slice(l.as_bytes()),
             KeyPart::Col {
                 attnum,
+                direct,
                 output,
                 name,
             } => {
@@ -428,12 +442,19 @@ unsafe fn render_key(
                         )
                     );
                 }
-                let s = pg_sys::OutputFunctionCall(*output, *(*slot).tts_values.add(i));
-                key.push_str(&CStr::from_ptr(s).to_string_lossy());
+                let value = *(*slot).tts_values.add(i);
+                match direct {
+                    Some(d) => d.write(value, &mut key),
+                    None => {
+                        let s = pg_sys::OutputFunctionCall(*output, value);
+                        key.extend_from_slice(CStr::from_ptr(s).to_bytes());
+                    }
+                }
             }
         }
     }
-    Ok(key)
+    Ok(String::from_utf8(key)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 /// A packed queue row's keys and payloads stay this many bytes under the queue's
@@ -528,7 +549,7 @@ impl Writer {
         &mut self,
         op: u8,
         key: &str,
-        payload: Option<pg_sys::Datum>,
+        payload: Option<&[u8]>,
         old_key: Option<&str>,
     ) -> Res<()> {
         use pgrx::IntoDatum;
@@ -538,16 +559,16 @@ impl Writer {
             pg_sys::Datum::from(self.seq),
         )
         .value() as i64;
-        let text = |s: &str| pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32);
+        let text = |s: &[u8]| pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32);
         let none = pg_sys::Datum::from(0usize);
         let mut values = [
             id.into_datum().unwrap_or(none),
             self.mirror_id.into_datum().unwrap_or(none),
             pg_sys::Datum::from(op as i8),
-            pg_sys::Datum::from(text(key)),
-            payload.unwrap_or(none),
+            pg_sys::Datum::from(text(key.as_bytes())),
+            payload.map_or(none, |p| pg_sys::Datum::from(text(p))),
             none,
-            old_key.map_or(none, |k| pg_sys::Datum::from(text(k))),
+            old_key.map_or(none, |k| pg_sys::Datum::from(text(k.as_bytes()))),
             pg_sys::Datum::from(self.xid as i64),
             pg_sys::Datum::from(self.now),
             0i32.into_datum().unwrap_or(none),
@@ -578,11 +599,7 @@ impl Writer {
 
     /// Queue a change of a multi-row statement ('s' or 'd'): into the pack, which is written
     /// when full (a change too large for any pack is written on its own).
-    unsafe fn push(&mut self, op: u8, key: String, payload: Option<pg_sys::Datum>) -> Res<()> {
-        let text = payload.map(|d| {
-            let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-            pgrx::varlena::varlena_to_byte_slice(v)
-        });
+    unsafe fn push(&mut self, op: u8, key: String, text: Option<&[u8]>) -> Res<()> {
         let size = key.len() + 3 + text.map_or(0, |t| t.len() + 1);
         if !self.pack.keys.is_empty()
             && (self.pack.op != op || self.pack.bytes + size > self.pack_bytes)
@@ -590,7 +607,7 @@ impl Writer {
             self.flush()?;
         }
         if size > self.pack_bytes {
-            return self.insert(op, &key, payload, None);
+            return self.insert(op, &key, text, None);
         }
         let pack = &mut self.pack;
         pack.op = op;
@@ -608,21 +625,10 @@ impl Writer {
     /// Write the pack: one change as a plain row, several as a packed one.
     unsafe fn flush(&mut self) -> Res<()> {
         let pack = std::mem::take(&mut self.pack);
-        let text = |b: &[u8]| {
-            pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-                b.as_ptr().cast(),
-                b.len() as i32,
-            ))
-        };
         let payload = (pack.op == b's').then_some(&pack.payloads);
         match pack.keys.len() {
             0 => Ok(()),
-            1 => self.insert(
-                pack.op,
-                &pack.keys[0],
-                payload.map(|p| text(p.as_slice())),
-                None,
-            ),
+            1 => self.insert(pack.op, &pack.keys[0], payload.map(Vec::as_slice), None),
             n => {
                 let keys = serde_json::to_string(&pack.keys).map_err(|e| {
                     Error::Internal(format!("capturing a change: packing keys: {e}"))
@@ -632,9 +638,14 @@ impl Writer {
                     a.push(b'[');
                     a.extend_from_slice(p);
                     a.push(b']');
-                    text(&a)
+                    a
                 });
-                self.insert(pack.op.to_ascii_uppercase(), &keys, payload, None)?;
+                self.insert(
+                    pack.op.to_ascii_uppercase(),
+                    &keys,
+                    payload.as_deref(),
+                    None,
+                )?;
                 self.count += n as i64 - 1;
                 Ok(())
             }
