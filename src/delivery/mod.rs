@@ -176,12 +176,8 @@ pub fn server_life() -> i64 {
 }
 
 /// Whether this database has the extension (a worker serves databases before and after it).
+/// Asked on every step of the worker: a catalog index lookup, not a query (a query's executor
+/// start and run on every step, bench/profile.py insert). Inside a transaction.
 pub fn extension_installed() -> bool {
-    crate::spi_read::one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_redis')",
-        &[],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
+    unsafe { pg_sys::get_extension_oid(c"pg_redis".as_ptr(), true) != pg_sys::InvalidOid }
 }
