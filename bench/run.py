@@ -1025,7 +1025,20 @@ NOTES = {
                  "queue's toast_tuple_target raised to 8160 so that they stay whole and uncompressed), "
                  "one heap tuple, index entry, WAL record and id per ~60 changes here instead of per "
                  "change. Quick runs: insert 0.36 → 0.49 with packs of ≤ 1.8 kB (the default TOAST "
-                 "threshold) → 0.54 with ≤ 7.9 kB; COPY 0.26 → 0.43 → 0.50.",
+                 "threshold) → 0.54 with ≤ 7.9 kB; COPY 0.26 → 0.43 → 0.50. Eleventh session: the "
+                 "row renderer makes no call into PostgreSQL per column where none is needed "
+                 "(integers and text read from the datum, strings escaped by serde_json — the same "
+                 "bytes as escape_json —, the buffer appended to in Rust; each call through pgrx's "
+                 "setjmp guard had cost ~6 % of a COPY, a dozen of them per row): quick runs "
+                 "insert 0.53 → 0.66, COPY 0.47 → 0.58.",
+    "P2 copy": "see P2 insert: the eleventh session's renderer took COPY from 0.47 to 0.58 in a "
+               "quick run (bench/profile.py copy profiles it).",
+    "P1": "eleventh session: with the worker backing off (P1 down) capture alone now costs "
+          "~0.80-0.83 of the unmirrored tps (quick runs; the PL/pgSQL outbox 0.74-0.81): what P1 "
+          "loses beyond that is the worker delivering on the same two cores as the two writers and "
+          "pgbench (in perf, the worker ~27 % of the cluster's samples: transaction, WAL flush, "
+          "queue read and delete, the stats upsert, the Redis round trip; the per-step extension "
+          "check is a catalog lookup since this session, no longer a query).",
     "P1 outbox": "the outbox table is never consumed here, so this is the capture cost alone; "
                  "pg_redis' B includes its worker delivering to Redis on the same two cores.",
     "P3": "the rate runs from the first key of the backlog in Redis to the last (the worker's back-off "
@@ -1038,7 +1051,7 @@ NOTES = {
               "rest of the statement, the capture trigger and COMMIT).",
 }
 
-PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process), 2026-12-07 (tenth session: P2 COPY after packed queue rows)"
+PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process), 2026-12-07 (tenth session: P2 COPY after packed queue rows; eleventh session: P2 COPY and P1 per process after the call-free renderer)"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
