@@ -1034,7 +1034,7 @@ NOTES = {
     "P2 copy": "see P2 insert: the eleventh session's renderer took COPY from 0.47 to 0.58 in a "
                "quick run (bench/profile.py copy profiles it).",
     "P1": "eleventh session: with the worker backing off (P1 down) capture alone now costs "
-          "~0.80-0.83 of the unmirrored tps (quick runs; the PL/pgSQL outbox 0.74-0.81): what P1 "
+          "0.74-0.83 of the unmirrored tps (this full run 0.74, quick runs 0.80-0.83; the PL/pgSQL outbox 0.66-0.81): what P1 "
           "loses beyond that is the worker delivering on the same two cores as the two writers and "
           "pgbench (in perf, the worker ~27 % of the cluster's samples: transaction, WAL flush, "
           "queue read and delete, the stats upsert, the Redis round trip; the per-step extension "
@@ -1165,7 +1165,9 @@ HOW = [
     "when each key is SET. The achieved rate is in the table; rows whose key the subscriber never saw are counted in the raw samples (`not_seen`).",
     "- **P8**: `pgbench -c 1 -T 10` single-row INSERTs into a `mode => 'commit'` mirror vs a queue-mode "
     "mirror (latency average per transaction); the Redis round trip (RTT) is the p50 of "
-    "`redis-benchmark -c 1 -t ping`.",
+    "`redis-benchmark -c 1 -t ping`. The goal sits at the line: +0.367 ms against a bound of 0.371 ms "
+    "(eleventh session), +0.380 ms against 0.355 ms the run before (the RTT itself moves by 0.02 ms "
+    "between runs).",
     "- **P5**: 100k keys with 96-byte values, in Redis and in `kv (k text PK, v text)`; "
     "`pgbench -c 2 -j 2 -M prepared`, random key.",
     "- **P6**: a mirrored 100k-row table, backfilled; `redis_fetch('p6', :id)` (every call a hit) vs "
