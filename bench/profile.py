@@ -8,6 +8,7 @@
     /usr/bin/python3 bench/profile.py drain         # P3: the worker draining a backlog
     /usr/bin/python3 bench/profile.py backfill      # P7
     /usr/bin/python3 bench/profile.py commit        # P8: single-row INSERTs (-c 1) into a commit-mode mirror
+    /usr/bin/python3 bench/profile.py steps         # P1 load: the worker's steps/s and CPU per change (no perf)
     /usr/bin/python3 bench/profile.py bulk          # P2: INSERT ... SELECT of 1M rows into a queue mirror
     /usr/bin/python3 bench/profile.py copy          # P2: COPY of 1M rows (csv) into a queue mirror
     options: --seconds N (default 8), --children (inclusive costs), --keep DIR (keep perf.data)
@@ -19,6 +20,7 @@ only (backends and the pg_redis worker, by pid), with call graphs, and prints th
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -51,13 +53,47 @@ def report(data: Path, children: bool, comm: str | None = None) -> str:
     return subprocess.run(cmd, capture_output=True, text=True).stdout
 
 
+def cpu_seconds(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def steps(seconds: int):
+    """The worker under the P1 load: its transactions (one per step) per second, the changes per
+    step and its CPU per change, from pg_stat_database and /proc (no perf)."""
+    work = Path(tempfile.mkdtemp(prefix="pg_redis_prof_"))
+    b = run.Bench(quick=True, pairs=1, duration=seconds + 4, workdir=work)
+    try:
+        b.make_table("t", mirror="queue")
+        w = b.worker_pid()
+        q = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        th = threading.Thread(target=lambda: b.pgbench("prof", run.INSERT_SCRIPT.format(t="t")), daemon=True)
+        th.start()
+        time.sleep(2)
+        x0, c0, n0, t0 = b.one(q), cpu_seconds(w), b.one("SELECT count(*) FROM t"), time.monotonic()
+        time.sleep(seconds)
+        x1, c1, n1, t1 = b.one(q), cpu_seconds(w), b.one("SELECT count(*) FROM t"), time.monotonic()
+        th.join()
+        dt = t1 - t0
+        rows, commits, cpu = (n1 - n0) / dt, (x1 - x0) / dt, (c1 - c0) / dt
+        worker = max(commits - rows, 1)  # pgbench commits one row per transaction
+        print(f"{rows:,.0f} changes/s; worker: ~{worker:,.0f} steps/s, ~{rows / worker:.1f} changes per step, "
+              f"{cpu:.2f} cores, {cpu / rows * 1e6:.1f} µs of CPU per change")
+    finally:
+        b.pg.cleanup()
+        b.redis.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["insert", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "copy", "commit"])
+    ap.add_argument("workload", choices=["insert", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "copy", "commit", "steps"])
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--children", action="store_true")
     ap.add_argument("--keep", help="directory to keep perf.data in")
     args = ap.parse_args()
+    if args.workload == "steps":
+        return steps(args.seconds)
     work = Path(tempfile.mkdtemp(prefix="pg_redis_prof_"))
     b = run.Bench(quick=True, pairs=1, duration=args.seconds + 4, workdir=work)
     data = (Path(args.keep) if args.keep else work) / f"perf-{args.workload}.data"
