@@ -1038,7 +1038,12 @@ NOTES = {
           "loses beyond that is the worker delivering on the same two cores as the two writers and "
           "pgbench (in perf, the worker ~27 % of the cluster's samples: transaction, WAL flush, "
           "queue read and delete, the stats upsert, the Redis round trip; the per-step extension "
-          "check is a catalog lookup since this session, no longer a query).",
+          "check is a catalog lookup since this session, no longer a query). `bench/profile.py steps`: "
+          "the worker spends 15-20 µs of CPU per change under this load (a P3 drain ~2.5 µs), "
+          "~0.4 cores; pacing its steps to 1 ms (~55 changes each) cut that only to 15.5 µs and "
+          "dropping the stats upsert gave nothing measurable: the cost is per change in a stream, "
+          "not per step (not yet explained: the writers and the worker meet on the queue's last "
+          "page and index leaf; rows just committed need commit-status lookups).",
     "P1 outbox": "the outbox table is never consumed here, so this is the capture cost alone; "
                  "pg_redis' B includes its worker delivering to Redis on the same two cores.",
     "P3": "the rate runs from the first key of the backlog in Redis to the last (the worker's back-off "
