@@ -672,8 +672,8 @@ def test_json_text_is_row_to_json_byte_for_byte(m):
 
 
 def test_large_rows_render_whole_between_small_ones(m):
-    """Each row's JSON is built in the row's own memory and handed on as the value: a row of
-    megabytes (its escapes making the JSON longer than the text) between small rows of the same
+    """Each row's JSON is built in the statement's buffer, emptied (and given back after a large
+    row) between rows: a row of megabytes (its escapes making the JSON longer than the text) between small rows of the same
     statement must reach Redis whole, and the small ones after it unchanged."""
     m.table("mx_big", "id int PRIMARY KEY, t text")
     m.conn.execute("SELECT redis_mirror('mx_big')")

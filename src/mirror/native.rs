@@ -409,7 +409,7 @@ unsafe fn row_json<'a>(
     } else {
         let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
         let d = pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, row);
-        buf.put(pgrx::varlena::varlena_to_byte_slice(d.cast_mut_ptr()));
+        buf.put(super::json_row::text_bytes(d));
     }
     buf.bytes()
 }
