@@ -312,6 +312,44 @@ def test_insert_update_delete_reach_redis_promptly(m):
     m.equal("mx_basic")
 
 
+def test_batch_delay_holds_back_no_light_load_and_loses_nothing_of_a_stream(m):
+    """pg_redis.batch_delay (postgresql.conf, reload): the worker spaces its steps only under a
+    heavy stream; single commits go out at once even with a long delay, and a stream from
+    several sessions arrives whole."""
+    assert one(m.conn, "SHOW pg_redis.batch_delay") == "5ms"
+    expect_error(m.conn, "SET pg_redis.batch_delay = '1ms'", sqlstate="55P02", prefix=None)
+    m.table("mx_delay", "id int PRIMARY KEY, v text")
+    assert one(m.conn, "SELECT redis_mirror('mx_delay')") == 0
+    try:
+        m.conn.execute("ALTER SYSTEM SET pg_redis.batch_delay = '1s'")
+        m.conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.3)
+        assert one(m.conn, "SHOW pg_redis.batch_delay") == "1s"
+        lags = []
+        for i in range(1, 11):
+            t0 = time.monotonic()
+            m.conn.execute("INSERT INTO mx_delay VALUES (%s, 'light')", (i,))
+            wait_until(lambda: m.rc.exists(f"mx_delay:{i}"), 5, 0.001, f"mx_delay:{i}")
+            lags.append(time.monotonic() - t0)
+        assert statistics.median(lags) < 0.1, f"light load held back: {lags}"
+
+        def writer(first):
+            with m.pg.connect() as c:
+                for i in range(first, first + 1000):
+                    c.execute("INSERT INTO mx_delay VALUES (%s, 'stream')", (i,))
+
+        threads = [threading.Thread(target=writer, args=(1000 * k,)) for k in (1, 2, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_until(lambda: m.rc.dbsize() >= 3010, 20, what="the stream's 3010 keys")
+        m.equal("mx_delay")
+    finally:
+        m.conn.execute("ALTER SYSTEM RESET pg_redis.batch_delay")
+        m.conn.execute("SELECT pg_reload_conf()")
+
+
 def test_only_committed_changes_reach_redis(m):
     m.table("mx_tx", "id int PRIMARY KEY, v text", "VALUES (1, 'one')")
     m.conn.execute("SELECT redis_mirror('mx_tx')")
