@@ -164,8 +164,9 @@ def fmt_num(x, unit=""):
 
 
 class Bench:
-    def __init__(self, quick: bool, pairs: int, duration: int, workdir: Path):
+    def __init__(self, quick: bool, pairs: int, duration: int, workdir: Path, conf: list[str] = ()):
         self.quick = quick
+        self.conf = list(conf)
         self.pairs = pairs
         self.duration = duration
         self.workdir = workdir
@@ -186,6 +187,7 @@ class Bench:
             "checkpoint_timeout = 1h",
             "log_checkpoints = on",
             "log_autovacuum_min_duration = -1",
+            *self.conf,
         ])
         self.conn = self.pg.connect()
         self.conn.execute("CREATE EXTENSION pg_redis")
@@ -940,7 +942,8 @@ def write_report(b: Bench, args, path: Path, started: float, load_start: str, ma
     L.append("- PostgreSQL settings: `shared_preload_libraries = 'pg_redis'`, `fsync = on`, "
              "`synchronous_commit = off` (except P1s), `shared_buffers = 512MB`, `max_wal_size = 16GB`, "
              "`checkpoint_timeout = 1h`, a `CHECKPOINT` and `VACUUM` of the queue before each timed run; "
-             "pg_redis settings at their defaults (`batch_size = 5000`)")
+             + ("pg_redis settings at their defaults (`batch_size = 5000`, `batch_delay = 5ms`)" if not b.conf
+                else "set for this run: " + ", ".join(f"`{c}`" for c in b.conf)))
     L.append("")
     L.append("## How to reproduce")
     L.append("")
@@ -1189,6 +1192,8 @@ def main():
     ap.add_argument("--cases", default=",".join(ALL_CASES), help="comma-separated, e.g. P1,P5")
     ap.add_argument("--pairs", type=int, help="A/B pairs per case (default 3; --quick: 1)")
     ap.add_argument("--duration", type=int, help="seconds per pgbench run (default 10; --quick: 3)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a postgresql.conf line for the cluster, e.g. pg_redis.batch_delay=1ms (repeatable)")
     ap.add_argument("--out", help="report path (default docs/benchmarks.md for a full run of every case, "
                                   "else $TMPDIR/pg_redis_bench.md)")
     args = ap.parse_args()
@@ -1204,7 +1209,13 @@ def main():
     started = time.time()
     load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     workdir = Path(tempfile.mkdtemp(prefix="pg_redis_bench_"))
-    b = Bench(args.quick, pairs, duration, workdir)
+    conf = []
+    for kv in args.set:
+        name, sep, value = kv.partition("=")
+        if not sep or not name.strip():
+            ap.error(f"--set {kv!r}: expected NAME=VALUE")
+        conf.append(f"{name.strip()} = '{value.strip()}'")
+    b = Bench(args.quick, pairs, duration, workdir, conf)
     failures = {}
     try:
         mach = machine(b)

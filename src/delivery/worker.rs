@@ -357,46 +357,66 @@ const MIN_STEP: Duration = Duration::from_micros(1000);
 const PACED_FROM: usize = 8;
 const RAMP_FROM: f64 = 8000.0;
 
+/// How long the commit rate is averaged over: a burst of an open-loop load at 5k commits/s must
+/// not look like a stream of 10k (P4's p99 doubled when the pause followed each step's own rate).
+const RATE_WINDOW: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Copy, Default)]
+struct Pacer {
+    /// When the last step began and how many changes it found.
+    began: Option<std::time::Instant>,
+    claimed: usize,
+    /// Changes per second, averaged over about RATE_WINDOW.
+    rate: f64,
+}
+
 thread_local! {
-    /// When the last step began, how many changes it found, and when the one before it began.
-    static LAST_STEP: std::cell::Cell<(Option<std::time::Instant>, usize, Option<std::time::Instant>)> =
-        const { std::cell::Cell::new((None, 0, None)) };
+    static PACER: std::cell::Cell<Pacer> = const {
+        std::cell::Cell::new(Pacer { began: None, claimed: 0, rate: 0.0 })
+    };
+}
+
+/// The rate averaged over RATE_WINDOW after `claimed` changes arrived in `interval`.
+fn smoothed(rate: f64, claimed: usize, interval: Duration) -> f64 {
+    let now = claimed as f64 / interval.as_secs_f64().max(1e-6);
+    let weight = (interval.as_secs_f64() / RATE_WINDOW.as_secs_f64()).min(1.0);
+    rate + (now - rate) * weight
 }
 
 /// The pause between the starts of two steps after one that found `claimed` changes (of a batch
-/// of at most `batch`) in the `since_prev` since the step before it began (None: not paced).
-fn pause_for(
-    claimed: usize,
-    batch: usize,
-    since_prev: Option<Duration>,
-    max: Duration,
-) -> Option<Duration> {
+/// of at most `batch`) with `rate` changes per second coming in (None: not paced).
+fn pause_for(claimed: usize, batch: usize, rate: f64, max: Duration) -> Option<Duration> {
     if claimed < PACED_FROM || claimed >= batch || max.is_zero() {
         return None;
     }
-    let rate = since_prev.map_or(0.0, |d| claimed as f64 / d.as_secs_f64().max(1e-6));
     let min = MIN_STEP.min(max);
     let ramp = ((rate - RAMP_FROM) / RAMP_FROM).clamp(0.0, 1.0);
     Some(min + (max - min).mul_f64(ramp))
 }
 
 fn pace() {
-    let (began, claimed, before) = LAST_STEP.with(|l| l.get());
-    if let Some(began) = began {
-        let since = began.elapsed();
-        let since_prev = before.map(|b| began.saturating_duration_since(b));
+    let mut p = PACER.with(|l| l.get());
+    if let Some(began) = p.began {
         // A commit-mode COMMIT waiting for the worker is not held back longer than before.
         let mut max = crate::settings::batch_delay();
         if super::commit_wait::anyone_waiting() {
             max = max.min(MIN_STEP);
         }
-        if let Some(gap) = pause_for(claimed, crate::settings::batch_size(), since_prev, max) {
+        if let Some(gap) = pause_for(p.claimed, crate::settings::batch_size(), p.rate, max) {
+            let since = began.elapsed();
             if since < gap {
                 unsafe { pg_sys::pg_usleep((gap - since).as_micros() as std::ffi::c_long) };
             }
         }
     }
-    LAST_STEP.with(|l| l.set((Some(std::time::Instant::now()), 0, began)));
+    let now = std::time::Instant::now();
+    // What the coming step finds arrived since the last one began (roughly: since it read).
+    if let Some(began) = p.began {
+        p.rate = smoothed(p.rate, p.claimed, now.saturating_duration_since(began));
+    }
+    p.began = Some(now);
+    p.claimed = 0;
+    PACER.with(|l| l.set(p));
 }
 
 fn step() -> Step {
@@ -407,9 +427,10 @@ fn step() -> Step {
     let batch = crate::settings::batch_size();
     let delivered = deliver::deliver_batch(batch, ROUNDS, false);
     if let Ok(o) = &delivered {
-        LAST_STEP.with(|l| {
-            let (began, _, before) = l.get();
-            l.set((began, o.claimed, before))
+        PACER.with(|l| {
+            let mut p = l.get();
+            p.claimed = o.claimed;
+            l.set(p)
         });
     }
     super::commit_wait::serve_waiters();
@@ -439,32 +460,48 @@ fn step() -> Step {
 
 #[cfg(test)]
 mod tests {
-    use super::pause_for;
+    use super::{pause_for, smoothed};
     use std::time::Duration;
 
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
     fn light_loads_and_backlogs_are_not_paced() {
-        // 5 changes in 1 ms (5k/s): below PACED_FROM.
-        assert_eq!(pause_for(5, 5000, Some(MS), 5 * MS), None);
+        // 5 changes in a step: below PACED_FROM, whatever the rate.
+        assert_eq!(pause_for(5, 5000, 30_000.0, 5 * MS), None);
         // A full batch: a backlog goes out at once.
-        assert_eq!(pause_for(5000, 5000, Some(MS), 5 * MS), None);
+        assert_eq!(pause_for(5000, 5000, 30_000.0, 5 * MS), None);
         // batch_delay = 0: never paced.
-        assert_eq!(pause_for(100, 5000, Some(MS), Duration::ZERO), None);
+        assert_eq!(pause_for(100, 5000, 30_000.0, Duration::ZERO), None);
     }
 
     #[test]
     fn the_pause_grows_with_the_rate_up_to_batch_delay() {
         // 8k changes/s and less: 1 ms, as before batch_delay existed.
-        assert_eq!(pause_for(8, 5000, Some(MS), 5 * MS), Some(MS));
+        assert_eq!(pause_for(8, 5000, 5_000.0, 5 * MS), Some(MS));
+        assert_eq!(pause_for(8, 5000, 8_000.0, 5 * MS), Some(MS));
         // 12k/s: half way from 1 ms to 5 ms.
-        assert_eq!(pause_for(24, 5000, Some(2 * MS), 5 * MS), Some(3 * MS));
+        assert_eq!(pause_for(24, 5000, 12_000.0, 5 * MS), Some(3 * MS));
         // 16k/s and more: batch_delay.
-        assert_eq!(pause_for(80, 5000, Some(5 * MS), 5 * MS), Some(5 * MS));
-        assert_eq!(pause_for(400, 5000, Some(5 * MS), 20 * MS), Some(20 * MS));
+        assert_eq!(pause_for(80, 5000, 16_000.0, 5 * MS), Some(5 * MS));
+        assert_eq!(pause_for(400, 5000, 40_000.0, 20 * MS), Some(20 * MS));
         // A batch_delay under 1 ms caps the pause too.
         let tiny = Duration::from_micros(500);
-        assert_eq!(pause_for(400, 5000, Some(MS), tiny), Some(tiny));
+        assert_eq!(pause_for(400, 5000, 40_000.0, tiny), Some(tiny));
+    }
+
+    #[test]
+    fn a_burst_does_not_make_a_stream() {
+        // 5k/s steady, then one step finds 12 changes in 1 ms (12k/s on its own).
+        let rate = smoothed(5_000.0, 12, MS);
+        assert!(rate < 8_000.0, "{rate}");
+        // A long idle wait forgets the past at once.
+        assert_eq!(smoothed(30_000.0, 0, Duration::from_secs(1)), 0.0);
+        // A steady stream converges to its rate.
+        let mut r = 0.0;
+        for _ in 0..200 {
+            r = smoothed(r, 60, 2 * MS);
+        }
+        assert!((r - 30_000.0).abs() < 100.0, "{r}");
     }
 }
