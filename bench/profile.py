@@ -2,6 +2,7 @@
 """Profile one pg_redis hot path with perf, in the same throwaway set-up as bench/run.py.
 
     /usr/bin/python3 bench/profile.py insert        # P1: single-row INSERT into a queue mirror
+    /usr/bin/python3 bench/profile.py plain         # P1's baseline: the same INSERTs into an unmirrored table
     /usr/bin/python3 bench/profile.py update        # P1u: single-row UPDATE by primary key
     /usr/bin/python3 bench/profile.py redis_get     # P5
     /usr/bin/python3 bench/profile.py redis_fetch   # P6 (hits)
@@ -88,7 +89,7 @@ def steps(seconds: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["insert", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "copy", "commit", "steps"])
+    ap.add_argument("workload", choices=["insert", "plain", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "copy", "commit", "steps"])
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--children", action="store_true")
     ap.add_argument("--keep", help="directory to keep perf.data in")
@@ -102,8 +103,8 @@ def main():
     try:
         script = None
         clients = 2
-        if args.workload == "insert":
-            b.make_table("t", mirror="queue")
+        if args.workload in ("insert", "plain"):
+            b.make_table("t", mirror="queue" if args.workload == "insert" else None)
             script = run.INSERT_SCRIPT.format(t="t")
         elif args.workload == "update":
             b.make_table("t", mirror="queue", rows=100_000)

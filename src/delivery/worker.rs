@@ -158,6 +158,8 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
                 // lost; the next wait returns at once if the latch is set.
                 backoff = Duration::from_millis(100);
             }
+            // Under a heavy stream the next step's pause (pace) is the wait.
+            Step::Idle if streaming() => backoff = Duration::from_millis(100),
             Step::Idle | Step::NotInstalled => {
                 backoff = Duration::from_millis(100);
                 // PostgreSQL's own waits (a heavyweight or buffer cleanup lock) reset the latch
@@ -386,12 +388,24 @@ fn smoothed(rate: f64, claimed: usize, interval: Duration) -> f64 {
 /// The pause between the starts of two steps after one that found `claimed` changes (of a batch
 /// of at most `batch`) with `rate` changes per second coming in (None: not paced).
 fn pause_for(claimed: usize, batch: usize, rate: f64, max: Duration) -> Option<Duration> {
-    if claimed < PACED_FROM || claimed >= batch || max.is_zero() {
+    if claimed >= batch || max.is_zero() {
         return None;
     }
     let min = MIN_STEP.min(max);
+    if rate < RAMP_FROM {
+        return (claimed >= PACED_FROM).then_some(min);
+    }
     let ramp = ((rate - RAMP_FROM) / RAMP_FROM).clamp(0.0, 1.0);
     Some(min + (max - min).mul_f64(ramp))
+}
+
+/// Whether commits come faster than RAMP_FROM: the worker then neither waits on its latch
+/// between steps nor lets commits wake it during a pause. Each wake-up is a kill() on the
+/// writer's COMMIT and a task switch (~9 % of a backend under a single-row UPDATE load, perf),
+/// and a worker woken by every commit found one or two changes per step, too few to be paced:
+/// a stable state as costly as the one it was meant to avoid.
+pub fn streaming() -> bool {
+    PACER.with(|l| l.get().rate) >= RAMP_FROM
 }
 
 fn pace() {
@@ -403,10 +417,19 @@ fn pace() {
             max = max.min(MIN_STEP);
         }
         if let Some(gap) = pause_for(p.claimed, crate::settings::batch_size(), p.rate, max) {
-            let since = began.elapsed();
-            if since < gap {
-                unsafe { pg_sys::pg_usleep((gap - since).as_micros() as std::ffi::c_long) };
+            // Commits do not wake the worker meanwhile (`pausing`); a commit-mode COMMIT that
+            // starts waiting does, and ends the pause.
+            set_pausing(true);
+            loop {
+                let left = gap.saturating_sub(began.elapsed());
+                if left.is_zero()
+                    || super::commit_wait::anyone_waiting()
+                    || !BackgroundWorker::wait_latch(Some(left))
+                {
+                    break;
+                }
             }
+            set_pausing(false);
         }
     }
     let now = std::time::Instant::now();
@@ -467,8 +490,8 @@ mod tests {
 
     #[test]
     fn light_loads_and_backlogs_are_not_paced() {
-        // 5 changes in a step: below PACED_FROM, whatever the rate.
-        assert_eq!(pause_for(5, 5000, 30_000.0, 5 * MS), None);
+        // 5 changes in a step at 5k/s: below PACED_FROM.
+        assert_eq!(pause_for(5, 5000, 5_000.0, 5 * MS), None);
         // A full batch: a backlog goes out at once.
         assert_eq!(pause_for(5000, 5000, 30_000.0, 5 * MS), None);
         // batch_delay = 0: never paced.
@@ -485,6 +508,8 @@ mod tests {
         // 16k/s and more: batch_delay.
         assert_eq!(pause_for(80, 5000, 16_000.0, 5 * MS), Some(5 * MS));
         assert_eq!(pause_for(400, 5000, 40_000.0, 20 * MS), Some(20 * MS));
+        // A stream is paced however few changes a step found (a worker woken by each commit).
+        assert_eq!(pause_for(1, 5000, 20_000.0, 5 * MS), Some(5 * MS));
         // A batch_delay under 1 ms caps the pause too.
         let tiny = Duration::from_micros(500);
         assert_eq!(pause_for(400, 5000, 40_000.0, tiny), Some(tiny));
