@@ -1036,17 +1036,21 @@ NOTES = {
                  "insert 0.53 → 0.66, COPY 0.47 → 0.58.",
     "P2 copy": "see P2 insert: the eleventh session's renderer took COPY from 0.47 to 0.58 in a "
                "quick run (bench/profile.py copy profiles it).",
-    "P1": "eleventh session: with the worker backing off (P1 down) capture alone now costs "
-          "0.74-0.83 of the unmirrored tps (this full run 0.74, quick runs 0.80-0.83; the PL/pgSQL outbox 0.66-0.81): what P1 "
-          "loses beyond that is the worker delivering on the same two cores as the two writers and "
-          "pgbench (in perf, the worker ~27 % of the cluster's samples: transaction, WAL flush, "
-          "queue read and delete, the stats upsert, the Redis round trip; the per-step extension "
-          "check is a catalog lookup since this session, no longer a query). `bench/profile.py steps`: "
-          "the worker spends 15-20 µs of CPU per change under this load (a P3 drain ~2.5 µs), "
-          "~0.4 cores; pacing its steps to 1 ms (~55 changes each) cut that only to 15.5 µs and "
-          "dropping the stats upsert gave nothing measurable: the cost is per change in a stream, "
-          "not per step (not yet explained: the writers and the worker meet on the queue's last "
-          "page and index leaf; rows just committed need commit-status lookups).",
+    "P1": "twelfth session: the worker's cost under this load was per step, not per change. "
+          "`bench/profile.py steps` with fixed pauses of 1, 2, 3, 5 and 10 ms between step starts: "
+          "874, 460, 318, 197 and 104 steps/s, 0.32, 0.24, 0.19, 0.17 and 0.14 cores — about 0.3 ms of "
+          "CPU per step (the WAL flush, the transaction, the mirror_stats upsert, the round trip) and "
+          "3 µs per change. And a worker woken by each commit's latch found 1-2 changes per step, "
+          "too few to be paced (8 or more), and stayed there (the eleventh session's 900-6,000 steps/s). "
+          "Now, above 8,000 changes/s (averaged over 50 ms), the pause grows to `pg_redis.batch_delay` "
+          "(5 ms by default) at 16,000/s and replaces the latch wait. Same-run A/B of batch_delay "
+          "(3 pairs each): P1 1 ms 0.47-0.53, 3 ms 0.70, 5 ms 0.66-0.83, 10 ms 0.78-0.84, 20 ms 0.81; "
+          "P1u 1 ms 0.54, 5 ms 0.70. P4 (5k/s, below the ramp) with 5 ms against 1 ms: p50 0.70-0.85 "
+          "against 0.67-0.83 ms, p99 2.2-3.5 against 1.9-3.6 ms. What is left: capture (0.74-0.83 with "
+          "the worker backing off, P1 down) and the worker at ~0.25 cores (perf: WAL flush ~19 %, "
+          "stats upsert ~10 %, queue read and delete ~11 % of it). The kill() seen in the backends "
+          "(8-13 %) is PostgreSQL's own: an asynchronous commit wakes the WAL writer, in the unmirrored "
+          "runs too (`bench/profile.py plain`).",
     "P1 outbox": "the outbox table is never consumed here, so this is the capture cost alone; "
                  "pg_redis' B includes its worker delivering to Redis on the same two cores.",
     "P3": "the rate runs from the first key of the backlog in Redis to the last (the worker's back-off "
@@ -1059,7 +1063,7 @@ NOTES = {
               "rest of the statement, the capture trigger and COMMIT).",
 }
 
-PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process), 2026-12-07 (tenth session: P2 COPY after packed queue rows; eleventh session: P2 COPY and P1 per process after the call-free renderer)"
+PROFILED = "2026-11-25 (second session: commits 4a43609 to 80a1cd9; third session for P5, P6: the release build with the main-thread Redis socket), 2026-12-02 (fifth session, P1: native capture, worker per-step profile), 2026-12-05 (seventh session: P1 per process, P2 insert, P3 after the native queue delete), 2026-12-06 (eighth session: P2 insert after the own row renderer, P1 per process), 2026-12-07 (tenth session: P2 COPY after packed queue rows; eleventh session: P2 COPY and P1 per process after the call-free renderer; twelfth session: the worker per step and per change under P1, `profile.py steps` and `plain`)"
 
 # One line each on what limits a case, shown when its goal is not met: from `bench/profile.py`
 # (perf, call graphs) on this machine and from reading src/ at the measured commit.
@@ -1089,10 +1093,12 @@ LIMITS: dict = {
           "this design, and 0.85 needs capture that writes less than a row per change. Eighth session "
           "(perf by process after the own renderer): the worker ~17 % of samples (its queue head index "
           "scan ~28 % of it), capture's own code under 2 % of the backends; P1 0.45 → 0.47, P1s 0.71 → "
-          "0.77 in a quick run.",
+          "0.77 in a quick run. Twelfth session: the pause follows the commit rate up to "
+          "`pg_redis.batch_delay` (see the note): P1 0.50 → ~0.7.",
     "P1s": "as P1, on top of the WAL flush per commit (which both sides pay).",
     "P1u": "a one-row UPDATE renders old and new keys in one statement without joins (~20 µs per statement "
-           "in a DO loop against ~12 µs unmirrored); the rest as P1.",
+           "in a DO loop against ~12 µs unmirrored); the rest as P1 (twelfth session: with the "
+           "rate-following pause 0.38 → ~0.7).",
     "P2 insert": "every row is written twice — to the table and, rendered as JSON, to the queue "
                  "with its index entry and WAL — and the worker delivers on the other core while the "
                  "statement runs. Eighth session: `row_to_json` looked up each column's type category "
@@ -1173,9 +1179,11 @@ HOW = [
     "when each key is SET. The achieved rate is in the table; rows whose key the subscriber never saw are counted in the raw samples (`not_seen`).",
     "- **P8**: `pgbench -c 1 -T 10` single-row INSERTs into a `mode => 'commit'` mirror vs a queue-mode "
     "mirror (latency average per transaction); the Redis round trip (RTT) is the p50 of "
-    "`redis-benchmark -c 1 -t ping`. The goal sits at the line: +0.367 ms against a bound of 0.371 ms "
-    "(eleventh session), +0.380 ms against 0.355 ms the run before (the RTT itself moves by 0.02 ms "
-    "between runs).",
+    "`redis-benchmark -c 1 -t ping`. The goal sits at the line and is met in some runs only: "
+    "+0.367 ms against a bound of 0.371 ms (eleventh session), +0.380 against 0.355 the run before; "
+    "twelfth session: this suite's run +0.535 (its three commit-mode samples 0.52, 0.61 and 1.45 ms), "
+    "five runs of P8 alone +0.338, +0.353, +0.361, +0.422 and +0.495 (three within the bound). The "
+    "twelfth session's pacing does not apply here (one client, ~2k commits/s: below the ramp).",
     "- **P5**: 100k keys with 96-byte values, in Redis and in `kv (k text PK, v text)`; "
     "`pgbench -c 2 -j 2 -M prepared`, random key.",
     "- **P6**: a mirrored 100k-row table, backfilled; `redis_fetch('p6', :id)` (every call a hit) vs "
