@@ -351,10 +351,11 @@ const ROUNDS: usize = 4;
 /// Under a heavy stream of small commits the worker would start a step for every few changes,
 /// each paying a transaction, a WAL flush (fdatasync) and a Redis round trip on the cores the
 /// writers need: ~0.3 ms of CPU per step here against ~3 µs per change (bench/profile.py steps).
-/// So after a step that found PACED_FROM changes or more (at 5k commits/s a step finds two or
-/// three) but less than a full batch, the next one starts no sooner than a pause after it began:
-/// 1 ms up to RAMP_FROM changes/s, growing to `pg_redis.batch_delay` at twice that rate.
-/// A backlog (full batches) and a light load are not paced: their changes go out at once.
+/// So the next step starts no sooner than a pause after the last one began: below RAMP_FROM
+/// changes/s (averaged, see `smoothed`) 1 ms after a step that found PACED_FROM changes or more
+/// (at 5k commits/s a step finds two or three), none after fewer; above it, whatever the step
+/// found, a pause growing from 1 ms to `pg_redis.batch_delay` at twice that rate. A backlog (a
+/// full batch) is not paced: it goes out at once.
 const MIN_STEP: Duration = Duration::from_micros(1000);
 const PACED_FROM: usize = 8;
 const RAMP_FROM: f64 = 8000.0;
