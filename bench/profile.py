@@ -77,8 +77,8 @@ def steps(seconds: int):
         x1, c1, n1, t1 = b.one(q), cpu_seconds(w), b.one("SELECT count(*) FROM t"), time.monotonic()
         th.join()
         dt = t1 - t0
-        rows, commits, cpu = (n1 - n0) / dt, (x1 - x0) / dt, (c1 - c0) / dt
-        worker = max(commits, 1)
+        rows, flushes, cpu = (n1 - n0) / dt, (x1 - x0) / dt, (c1 - c0) / dt
+        worker = max(flushes, 1)
         print(f"{rows:,.0f} changes/s; worker: ~{worker:,.0f} WAL flushes (steps)/s, ~{rows / worker:.1f} changes per step, "
               f"{cpu:.2f} cores, {cpu / rows * 1e6:.1f} µs of CPU per change")
     finally:

@@ -30,8 +30,9 @@ static COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static KEY_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Changes per pipelined round trip.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
-/// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms).
+/// Longest pause between the worker's steps under a heavy stream of commits (ms).
 static BATCH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Longest wait of a `commit`-mode COMMIT for its changes to reach Redis (ms).
 static COMMIT_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Failed deliveries of one change before it moves to the dead letters.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);

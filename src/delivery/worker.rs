@@ -204,11 +204,17 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
 /// Commits do not wake it meanwhile (`pausing`): each wake-up cost the writer a signal and a
 /// task switch (a fifth of a single-row INSERT load's CPU while Redis was down, bench P1 outage).
 fn pause(period: Duration) -> bool {
+    pause_until(std::time::Instant::now() + period, || false)
+}
+
+/// Sleep until `until` or until `end_early()` says so, commits not waking the worker meanwhile
+/// (`pausing`); anything else that sets its latch (a commit-mode COMMIT starting to wait, SIGHUP)
+/// makes it look at `end_early` again. False on SIGTERM.
+fn pause_until(until: std::time::Instant, end_early: impl Fn() -> bool) -> bool {
     set_pausing(true);
-    let until = std::time::Instant::now() + period;
     let alive = loop {
         let left = until.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || end_early() {
             break true;
         }
         if !BackgroundWorker::wait_latch(Some(left)) {
@@ -364,7 +370,7 @@ const RAMP_FROM: f64 = 8000.0;
 /// not look like a stream of 10k (P4's p99 doubled when the pause followed each step's own rate).
 const RATE_WINDOW: Duration = Duration::from_millis(50);
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Pacer {
     /// When the last step began and how many changes it found.
     began: Option<std::time::Instant>,
@@ -405,40 +411,27 @@ fn pause_for(claimed: usize, batch: usize, rate: f64, max: Duration) -> Option<D
 /// writer's COMMIT and a task switch (~9 % of a backend under a single-row UPDATE load, perf),
 /// and a worker woken by every commit found one or two changes per step, too few to be paced:
 /// a stable state as costly as the one it was meant to avoid.
-pub fn streaming() -> bool {
+fn streaming() -> bool {
     PACER.with(|l| l.get().rate) >= RAMP_FROM
 }
 
 fn pace() {
     let mut p = PACER.with(|l| l.get());
     if let Some(began) = p.began {
-        // A commit-mode COMMIT waiting for the worker is not held back longer than before.
+        // A commit-mode COMMIT waiting for the worker is not held back longer than before, and
+        // one that starts waiting ends the pause. A SIGTERM is seen at the top of the loop.
+        let waiting = super::commit_wait::anyone_waiting;
         let mut max = crate::settings::batch_delay();
-        if super::commit_wait::anyone_waiting() {
+        if waiting() {
             max = max.min(MIN_STEP);
         }
         if let Some(gap) = pause_for(p.claimed, crate::settings::batch_size(), p.rate, max) {
-            // Commits do not wake the worker meanwhile (`pausing`); a commit-mode COMMIT that
-            // starts waiting does, and ends the pause.
-            set_pausing(true);
-            loop {
-                let left = gap.saturating_sub(began.elapsed());
-                if left.is_zero()
-                    || super::commit_wait::anyone_waiting()
-                    || !BackgroundWorker::wait_latch(Some(left))
-                {
-                    break;
-                }
-            }
-            set_pausing(false);
+            pause_until(began + gap, waiting);
         }
+        // What the coming step finds arrived since the last one began (roughly: since it read).
+        p.rate = smoothed(p.rate, p.claimed, began.elapsed());
     }
-    let now = std::time::Instant::now();
-    // What the coming step finds arrived since the last one began (roughly: since it read).
-    if let Some(began) = p.began {
-        p.rate = smoothed(p.rate, p.claimed, now.saturating_duration_since(began));
-    }
-    p.began = Some(now);
+    p.began = Some(std::time::Instant::now());
     p.claimed = 0;
     PACER.with(|l| l.set(p));
 }
