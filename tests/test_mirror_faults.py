@@ -235,6 +235,33 @@ def test_synchronous_commit_off_never_delivers_what_a_crash_loses(env):
     assert sum(o[3] for o in outcomes) < len(outcomes), f"no async commit was ever lost: {outcomes}"
 
 
+def test_worker_steps_do_not_each_wait_for_a_wal_flush(env):
+    """With synchronous_commit = on for the whole cluster (PostgreSQL's default) every writer's
+    COMMIT flushes the WAL; the worker's step that delivers it commits asynchronously (losing it
+    in a crash only sends the changes again), so single-row commits do not cost two flushes each."""
+    e = env(conf=["synchronous_commit = on"], fsync=True)
+    c = e.conn
+    c.execute("CREATE TABLE f_flush (id int PRIMARY KEY, v text)")
+    c.execute("SELECT redis_mirror('f_flush')")
+    wait_idle(c, "f_flush")
+    n = 40
+    before = one(c, "SELECT wal_sync FROM pg_stat_wal")
+    for i in range(n):
+        c.execute("INSERT INTO f_flush VALUES (%s, 'x')", (i,))
+        wait_until(lambda: e.rc.exists(f"f_flush:{i}"), 5, 0.001, f"f_flush:{i}")
+    # Processes report their WAL counters at most once a second: wait, then wake the worker once
+    # more (one more commit) so that it reports too, and read from a fresh session.
+    time.sleep(1.2)
+    c.execute("INSERT INTO f_flush VALUES (%s, 'x')", (n,))
+    wait_until(lambda: e.rc.exists(f"f_flush:{n}"), 5, 0.001, f"f_flush:{n}")
+    time.sleep(1.2)
+    with e.pg.connect() as r:
+        flushes = one(r, "SELECT wal_sync FROM pg_stat_wal") - before
+    print(f"{n + 1} single-row commits delivered one by one: {flushes} WAL flushes")
+    assert n <= flushes < 1.5 * n, f"{n} commits delivered one by one took {flushes} WAL flushes"
+    e.equal("f_flush")
+
+
 def test_redis_refusing_writes_dead_letters_then_retry(env):
     e = env(conf=["pg_redis.max_attempts = 2"])
     c = e.conn

@@ -82,6 +82,7 @@ pub extern "C-unwind" fn pg_redis_worker_main(arg: pg_sys::Datum) {
         super::after_failover::repair_if_due();
         pace();
         let (step, repaired) = BackgroundWorker::transaction(|| {
+            commit_asynchronously();
             // An ERROR inside a step (a lost race with a DROP, a bug) rolls back that step only:
             // the worker logs it and goes on instead of dying.
             let s = match crate::mirror::validate::in_subtransaction(step) {
@@ -434,6 +435,25 @@ fn pace() {
     p.began = Some(std::time::Instant::now());
     p.claimed = 0;
     PACER.with(|l| l.set(p));
+}
+
+/// The delivery step's own COMMIT need not wait for its WAL flush: losing it in a crash only
+/// brings back queue rows that are then sent again (idempotent, in order), as a crash between
+/// sending and committing always could; and the next step's `flush_wal` makes it durable before
+/// anything else goes out. Under `synchronous_commit = on` this saves an fdatasync per step.
+fn commit_asynchronously() {
+    unsafe {
+        pg_sys::set_config_option(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
 }
 
 fn step() -> Step {
