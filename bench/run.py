@@ -1095,7 +1095,8 @@ LIMITS: dict = {
           "scan ~28 % of it), capture's own code under 2 % of the backends; P1 0.45 → 0.47, P1s 0.71 → "
           "0.77 in a quick run. Twelfth session: the pause follows the commit rate up to "
           "`pg_redis.batch_delay` (see the note): P1 0.50 → ~0.7.",
-    "P1s": "as P1, on top of the WAL flush per commit (which both sides pay).",
+    "P1s": "as P1, on top of the WAL flush per commit (which both sides pay)."
+            " Thirteenth session: the worker's delivery step commits asynchronously (docs/guarantees.md, 8), so that under a server-wide `synchronous_commit = on` (PostgreSQL's default; here only pgbench's sessions set it) a step no longer waits for an fdatasync of its own: 41 single-row commits delivered one by one took 47 WAL flushes instead of 86 (tests/test_mirror_faults.py). `bench/run.py --cases P1 --set synchronous_commit=on`, before: P1 0.58, P1s 0.84; after, two runs: P1 0.66 and 0.55, P1s 0.80 and 0.70 (P1 down, which makes no steps, moved from 0.78 to 0.78 and 0.66 between the same runs): on these two cores the run-to-run noise is larger than the effect on tps.",
     "P1u": "a one-row UPDATE renders old and new keys in one statement without joins (~20 µs per statement "
            "in a DO loop against ~12 µs unmirrored); the rest as P1 (twelfth session: with the "
            "rate-following pause 0.38 → ~0.7).",
