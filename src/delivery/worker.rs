@@ -441,19 +441,10 @@ fn pace() {
 /// brings back queue rows that are then sent again (idempotent, in order), as a crash between
 /// sending and committing always could; and the next step's `flush_wal` makes it durable before
 /// anything else goes out. Under `synchronous_commit = on` this saves an fdatasync per step.
+/// For the step's transaction only: the worker's other commits (a failover repair scheduling a
+/// backfill, recorded nowhere else) keep the server's setting.
 fn commit_asynchronously() {
-    unsafe {
-        pg_sys::set_config_option(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            0,
-            false,
-        );
-    }
+    crate::mirror::context::set_for_transaction(c"synchronous_commit", c"off");
 }
 
 fn step() -> Step {

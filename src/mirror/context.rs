@@ -4,7 +4,7 @@
 
 use pgrx::pg_sys;
 use std::cell::Cell;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 thread_local! {
     static EXT_OWNER: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
@@ -99,18 +99,7 @@ pub fn adopt_internal_settings() {
             CString::new(*name).unwrap_or_default(),
             CString::new(*value).unwrap_or_default(),
         );
-        unsafe {
-            pg_sys::set_config_option(
-                n.as_ptr(),
-                v.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SET,
-                true,
-                0,
-                false,
-            );
-        }
+        set(&n, &v, pg_sys::GucAction::GUC_ACTION_SET);
     }
 }
 
@@ -130,6 +119,28 @@ fn utc_already() -> bool {
     }
 }
 
+/// Set a setting as a session's SET would (`action`: for the session, for the transaction, or
+/// saved for a nest level).
+fn set(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// SET LOCAL: until the current transaction ends.
+pub fn set_for_transaction(name: &CStr, value: &CStr) {
+    set(name, value, pg_sys::GucAction::GUC_ACTION_LOCAL);
+}
+
 /// Run `f` with the settings given (session-local, undone afterwards and on error).
 fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
     // A nest level only when something is set: popping one walks every setting (PostgreSQL 15).
@@ -145,24 +156,13 @@ fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
             continue;
         }
         let current = unsafe { pg_sys::GetConfigOption(n.as_ptr(), true, false) };
-        if !current.is_null() && unsafe { std::ffi::CStr::from_ptr(current) } == v.as_c_str() {
+        if !current.is_null() && unsafe { CStr::from_ptr(current) } == v.as_c_str() {
             continue;
         }
         if nest.is_none() {
             nest = Some(unsafe { pg_sys::NewGUCNestLevel() });
         }
-        unsafe {
-            pg_sys::set_config_option(
-                n.as_ptr(),
-                v.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
+        set(&n, &v, pg_sys::GucAction::GUC_ACTION_SAVE);
     }
     let r = f();
     if let Some(nest) = nest {
