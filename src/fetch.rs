@@ -333,7 +333,7 @@ fn read_redis(m: &Mirror, key: &str) -> Result<Option<Json>> {
         Ok(Some(Json::Object(row)))
     } else {
         let what = crate::kv::describe("GET", key);
-        let reply = value::check(&what, call(&Call::new(&what), cmd("GET").arg(key))?)?;
+        let reply = crate::cache::get(&what, key)?;
         match value::text(&what, reply)? {
             None => Ok(None),
             Some(s) => {

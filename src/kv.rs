@@ -47,7 +47,7 @@ fn run(what: &str, c: &Cmd) -> Result<redis::Value> {
 fn redis_get(key: &str) -> Option<String> {
     let k = prefixed(key);
     let what = describe("GET", &k);
-    run(&what, cmd("GET").arg(&k))
+    crate::cache::get(&what, &k)
         .and_then(|v| value::text(&what, v))
         .or_raise()
 }
@@ -56,7 +56,7 @@ fn redis_get(key: &str) -> Option<String> {
 fn redis_get_bytea(key: &str) -> Option<Vec<u8>> {
     let k = prefixed(key);
     let what = describe("GET", &k);
-    run(&what, cmd("GET").arg(&k))
+    crate::cache::get(&what, &k)
         .and_then(|v| value::bytes(&what, v))
         .or_raise()
 }

@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+mod cache;
 mod command;
 mod delivery;
 mod error;
@@ -75,6 +76,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         delivery::init_preloaded();
         redis::failover::init_preloaded();
+        cache::init_preloaded();
     }
 }
 

@@ -43,6 +43,12 @@ static STREAM_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 /// Standbys (application_name, or `*` for every connected one) that must have flushed a change's
 /// WAL before it is delivered: Redis is then never ahead of a standby promoted after a failover.
 static STANDBY_NAMES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Shared memory (kB) of the shared read cache; 0 = no cache. Fixed at server start.
+static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Key prefixes the cache follows (comma-separated; empty: every key). Fixed at server start.
+static CACHE_PREFIXES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Does this session read through the shared cache (when there is one)?
+static CACHE: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Databases whose queues the background workers serve.
 static DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -201,6 +207,14 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"pg_redis.cache",
+        c"Read through the shared read cache, when pg_redis.cache_size gives one.",
+        c"Off: every redis_get, redis_get_bytea and redis_fetch asks Redis itself.",
+        &CACHE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     // Only a preloaded library may define postmaster-level settings: outside preload,
     // PostgreSQL would end the session with FATAL.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -209,6 +223,24 @@ pub fn init() {
             c"Databases whose queues the background workers serve, comma-separated.",
             c"",
             &DATABASES,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"pg_redis.cache_size",
+            c"Shared memory for the shared read cache of redis_get and redis_fetch; 0 turns it off.",
+            c"Entries of up to 1000 bytes (key and value), kept true by Redis' invalidation messages.",
+            &CACHE_SIZE_KB,
+            0,
+            8 * 1024 * 1024,
+            GucContext::Postmaster,
+            GucFlags::UNIT_KB,
+        );
+        GucRegistry::define_string_guc(
+            c"pg_redis.cache_prefixes",
+            c"Key prefixes the shared read cache holds, comma-separated; empty: every key.",
+            c"Redis then reports changes of these keys only (CLIENT TRACKING BCAST PREFIX).",
+            &CACHE_PREFIXES,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -270,6 +302,22 @@ pub fn commit_wait_timeout() -> Duration {
 }
 pub fn stream_maxlen() -> i64 {
     STREAM_MAXLEN.get() as i64
+}
+pub fn cache_size_bytes() -> usize {
+    CACHE_SIZE_KB.get().max(0) as usize * 1024
+}
+pub fn cache_prefixes() -> Vec<String> {
+    string(&CACHE_PREFIXES)
+        .map(|s| {
+            s.split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+pub fn cache_enabled() -> bool {
+    CACHE.get()
 }
 pub fn databases() -> Vec<String> {
     string(&DATABASES)

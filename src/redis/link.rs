@@ -166,10 +166,16 @@ fn run(c: &Call, req: Request, meanwhile: &mut Meanwhile) -> Result<Vec<Value>> 
     // A kept connection may have been closed by the server since the last call (Redis
     // restarted, CLIENT KILL, idle timeout): then reconnect and send once more. The command
     // cannot have run twice, since the server that closed the connection did not answer it.
-    match run_once(c, req.clone(), meanwhile) {
-        Err(Attempt::Stale(_)) => run_once(c, req, meanwhile).map_err(Attempt::into_error),
+    let result = match run_once(c, req.clone(), meanwhile) {
+        Err(Attempt::Stale(_)) => run_once(c, req.clone(), meanwhile).map_err(Attempt::into_error),
         other => other.map_err(Attempt::into_error),
+    };
+    // Whatever it changed is no longer what the shared read cache holds (even after a failure:
+    // a write may have landed unanswered).
+    if let Request::Cmds(cmds) = &req {
+        crate::cache::forget_written(cmds);
     }
+    result
 }
 
 pub(super) enum Attempt {

@@ -18,6 +18,7 @@ pub mod failover;
 mod link;
 pub mod scan;
 mod sentinel;
+pub mod tracking;
 pub mod value;
 
 pub use link::{call, call_pipeline, call_pipeline_then, masters, on_node, reset, Call, Meanwhile};
