@@ -25,6 +25,7 @@ COMMENT ON FUNCTION redis_retry(regclass) IS 'pg_redis: queue dead letters (of o
 COMMENT ON FUNCTION redis_backfill_step(regclass) IS 'pg_redis: one backfill batch (used by CALL redis_backfill)';
 COMMENT ON PROCEDURE redis_backfill(regclass) IS 'pg_redis: run a mirror''s backfill in this session, committing between batches';
 COMMENT ON FUNCTION redis_mirror_trigger() IS 'pg_redis: capture trigger (AFTER ... FOR EACH STATEMENT with transition tables) of mirrored tables';
+COMMENT ON FUNCTION redis_cache_info() IS 'pg_redis: state and counters of the shared read cache (pg_redis.cache_size)';
 COMMENT ON FUNCTION redis_worker_info() IS 'pg_redis: pid and state of the background worker serving this database';
 COMMENT ON FUNCTION redis_read_through_counts() IS 'pg_redis: redis_fetch hits and misses per mirror (shared memory)';
 COMMENT ON VIEW redis_mirrors IS 'pg_redis: one row per mirrored table with its settings';

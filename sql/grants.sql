@@ -13,8 +13,10 @@ BEGIN
 END $$;
 
 -- The views are for monitoring: pg_monitor members may read them; redis_worker_info() and
--- redis_read_through_counts() are what redis_stats calls, harmless to anyone.
+-- redis_read_through_counts() are what redis_stats calls, harmless to anyone, as are the
+-- shared read cache's counters (redis_cache_info()).
 GRANT EXECUTE ON FUNCTION redis_worker_info() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION redis_read_through_counts() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION redis_cache_info() TO PUBLIC;
 REVOKE ALL ON redis_mirrors, redis_stats, redis_dead_letters FROM PUBLIC;
 GRANT SELECT ON redis_mirrors, redis_stats, redis_dead_letters TO pg_monitor;

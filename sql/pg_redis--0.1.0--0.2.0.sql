@@ -120,3 +120,22 @@ COMMENT ON TABLE redis_internal.queue IS 'pg_redis internal: committed changes w
 COMMENT ON TABLE redis_internal.dead_letters IS 'pg_redis internal: changes Redis refused for good (view redis_dead_letters, redis_retry)';
 COMMENT ON TABLE redis_internal.mirror_stats IS 'pg_redis internal: delivery counters per mirror (view redis_stats)';
 COMMENT ON TABLE redis_internal.backfills IS 'pg_redis internal: backfills in progress';
+
+-- The shared read cache (docs/cache.md): what it holds and did.
+CREATE FUNCTION "redis_cache_info"() RETURNS TABLE (
+	"in_use" bool,
+	"tracker_pid" INT,
+	"size_bytes" bigint,
+	"capacity" bigint,
+	"entries" bigint,
+	"hits" bigint,
+	"misses" bigint,
+	"fills" bigint,
+	"invalidations" bigint,
+	"flushes" bigint
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'redis_cache_info_wrapper';
+GRANT EXECUTE ON FUNCTION redis_cache_info() TO PUBLIC;
+COMMENT ON FUNCTION redis_cache_info() IS 'pg_redis: state and counters of the shared read cache (pg_redis.cache_size)';

@@ -47,7 +47,7 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 extension_sql_file!(
     "../sql/comments.sql",
     name = "comments",
-    requires = ["views"]
+    requires = ["views", cache::redis_cache_info]
 );
 
 /// Set once a background worker got SIGTERM, so that a Redis call it is waiting on ends.
