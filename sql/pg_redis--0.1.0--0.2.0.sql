@@ -137,5 +137,7 @@ CREATE FUNCTION "redis_cache_info"() RETURNS TABLE (
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'redis_cache_info_wrapper';
+-- As in a fresh install: revoked from PUBLIC, then granted (an explicit ACL).
+REVOKE ALL ON FUNCTION redis_cache_info() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION redis_cache_info() TO PUBLIC;
 COMMENT ON FUNCTION redis_cache_info() IS 'pg_redis: state and counters of the shared read cache (pg_redis.cache_size)';
