@@ -181,7 +181,10 @@ pub fn forget_written(cmds: &[Cmd]) {
         if everything {
             store::flush();
         }
-        keys.into_iter().for_each(store::invalidate);
+        let p = prefixes();
+        keys.into_iter()
+            .filter(|k| p.is_empty() || p.iter().any(|p| k.starts_with(p.as_bytes())))
+            .for_each(store::invalidate);
     }
 }
 
