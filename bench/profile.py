@@ -6,6 +6,7 @@
     /usr/bin/python3 bench/profile.py update        # P1u: single-row UPDATE by primary key
     /usr/bin/python3 bench/profile.py redis_get     # P5
     /usr/bin/python3 bench/profile.py redis_fetch   # P6 (hits)
+    /usr/bin/python3 bench/profile.py redis_fetch_cached   # P6 cached (shared read cache hits)
     /usr/bin/python3 bench/profile.py drain         # P3: the worker draining a backlog
     /usr/bin/python3 bench/profile.py backfill      # P7
     /usr/bin/python3 bench/profile.py commit        # P8: single-row INSERTs (-c 1) into a commit-mode mirror
@@ -89,7 +90,7 @@ def steps(seconds: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["insert", "plain", "update", "redis_get", "redis_fetch", "drain", "backfill", "bulk", "copy", "commit", "steps"])
+    ap.add_argument("workload", choices=["insert", "plain", "update", "redis_get", "redis_fetch", "redis_fetch_cached", "drain", "backfill", "bulk", "copy", "commit", "steps"])
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--children", action="store_true")
     ap.add_argument("--keep", help="directory to keep perf.data in")
@@ -121,6 +122,11 @@ def main():
             b.make_table("t", mirror="queue", rows=10_000)
             b.wait_idle()
             script = "\\set id random(1, 10000)\nSELECT redis_fetch('t', :id);\n"
+        elif args.workload == "redis_fetch_cached":
+            b.make_table("p6", mirror="queue", rows=10_000)
+            b.wait_idle()
+            run.warm_cache(b, "SELECT count(redis_fetch('p6', g::text)) FROM generate_series(1, 10000) g")
+            script = "\\set id random(1, 10000)\nSELECT redis_fetch('p6', :id);\n"
         if script:
             th = threading.Thread(target=lambda: b.pgbench("prof", script, clients=clients), daemon=True)
             th.start()

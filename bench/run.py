@@ -1185,9 +1185,17 @@ LIMITS: dict = {
           "PostgreSQL answers PK lookups here, so no reader that makes one round trip per call "
           "reaches 0.8 on these two cores; perf shows ~38 % of the backend in the kernel's task "
           "switch while it waits for Redis. Over Redis' unix socket (P5 unix, eighth session) the "
-          "round trip is cheaper: ~+10 %.",
+          "round trip is cheaper: ~+10 %. The way past the round trip is not to make it: with the "
+          "shared read cache (thirteenth session, `pg_redis.cache_size`, docs/cache.md) a hit is a "
+          "lookup in PostgreSQL's shared memory, kept true by Redis' invalidation messages; the "
+          "P5 cached row (warm: one pass over the 100k keys first) reached 0.86 in its first run. "
+          "The plain P5 rows run with `pg_redis.cache = off`.",
     "P6": "as P5 (one round trip on the backend's own socket; the hit path reads no catalog), then the "
-          "JSON is parsed into the jsonb result.",
+          "JSON is parsed into the jsonb result. P6 cached (the shared read cache, warm) skips the "
+          "round trip: 0.66 in its first run. Its profile (`profile.py redis_fetch_cached`) is flat: "
+          "27 % kernel task switch (the pgbench round trip, as for the baseline), then the text → "
+          "serde_json → text → jsonb_in conversion of the row, the privilege check and the cache "
+          "lookup; building the jsonb straight from the cached text is the next step.",
     "P7": "for a filterless queue/commit-mode mirror of built-in types the backfill goes straight to "
           "Redis (fourth session): each step is one statement that reads 128 blocks and renders the rows, "
           "leaving out keys with a change waiting in the queue (which delivers them in order), then one "
