@@ -16,17 +16,16 @@ import time
 
 import pytest
 
-from harness import PgCluster, RedisServer, expect_error
+from harness import PgCluster, expect_error
 from helpers import one, wait_until
 
 CANCELED, CONN_CLASS = "57014", "08"
 
 
 @pytest.fixture(scope="module")
-def cache_redis():
-    srv = RedisServer()
-    yield srv
-    srv.cleanup()
+def cache_redis(module_redis):
+    """The module's Redis (conftest), which the cache cluster's settings name."""
+    return module_redis
 
 
 @pytest.fixture(scope="module")

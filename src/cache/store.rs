@@ -329,6 +329,11 @@ pub fn go_offline() {
     }
 }
 
+/// Does the tracker follow Redis now (the cache in use)?
+pub fn online() -> bool {
+    header().is_some_and(|h| h.online.load(Ordering::Acquire) == 1)
+}
+
 pub fn set_tracker_pid(pid: i32) {
     if let Some(h) = header() {
         h.tracker_pid.store(pid, Ordering::Relaxed);

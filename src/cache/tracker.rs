@@ -147,7 +147,7 @@ fn session(say: &mut impl FnMut(String)) -> Ended {
                 target.display_addr
             ));
         }
-        if !announced && store::info().is_some_and(|i| i.online) {
+        if !announced && store::online() {
             say(format!("following {}", target.display_addr));
             announced = true;
         }
